@@ -1,0 +1,403 @@
+"""Validation and loading of untrusted model and dataset files. No FastAPI, no database.
+
+Nothing here unpickles: ONNX is parsed as protobuf and converted to torch.nn modules (onnx2pytorch),
+safetensors headers are read and checked before any tensor, `.npz` goes through
+np.load(allow_pickle=False) after its zip directory is checked, CSV is parsed as text.
+Every rejection is an ArtifactError with a stable slug that the API turns into a 4xx problem.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import struct
+import warnings
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from pydantic import ValidationError
+from torch import nn
+
+from .architectures import architecture_adapter
+
+MODEL_FORMATS = ("onnx", "safetensors")
+DATASET_FORMATS = ("npz", "csv")
+PICKLE_SUFFIXES = (".pt", ".pth", ".pkl", ".pickle", ".pt2", ".ckpt", ".bin", ".jit", ".torchscript", ".joblib")
+EXPORT_HELP = (
+    "Export the model to ONNX instead: torch.onnx.export(model.eval(), (example_batch,), 'model.onnx', "
+    "dynamic_shapes=({0: torch.export.Dim('batch')},)), or upload its state_dict as .safetensors "
+    "with an `architecture` form field naming a built-in architecture."
+)
+SAFETENSORS_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64}
+MAX_SAFETENSORS_HEADER = 16 * 1024 * 1024
+
+
+class ArtifactError(ValueError):
+    def __init__(self, slug: str, detail: str, status: int = 422):
+        super().__init__(detail)
+        self.slug = slug
+        self.detail = detail
+        self.status = status
+
+
+@dataclass
+class LoadedModel:
+    module: nn.Module
+    format: str
+    num_parameters: int
+    input_shape: list[int]
+    num_outputs: int
+    architecture: dict | None = None
+
+
+@dataclass
+class LoadedDataset:
+    inputs: np.ndarray  # float32 (N, *input_shape)
+    labels: np.ndarray  # int64 (N,)
+    format: str
+    num_classes: int
+    label_counts: list[int] = field(default_factory=list)
+
+    @property
+    def num_examples(self) -> int:
+        return int(self.inputs.shape[0])
+
+    @property
+    def input_shape(self) -> list[int]:
+        return [int(d) for d in self.inputs.shape[1:]]
+
+
+# ----------------------------------------------------------------------------------------- models
+
+def detect_model_format(filename: str, head: bytes) -> str:
+    name = (filename or "").lower()
+    if name.endswith(PICKLE_SUFFIXES) or head.startswith(b"\x80") or head.startswith(b"PK\x03\x04"):
+        raise ArtifactError(
+            "pickle-model-refused",
+            "pickle-based model files (torch.save full modules, TorchScript, torch.export .pt2, checkpoints) "
+            "can run arbitrary code when loaded and are refused. " + EXPORT_HELP, status=415)
+    if name.endswith(".onnx"):
+        return "onnx"
+    if name.endswith(".safetensors"):
+        return "safetensors"
+    raise ArtifactError("unsupported-model-format",
+                        f"unsupported model file {filename!r}: upload a .onnx model or .safetensors weights. " + EXPORT_HELP,
+                        status=415)
+
+
+def _all_onnx_tensors(graph):
+    for tensor in graph.initializer:
+        yield tensor
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.HasField("t"):
+                yield attr.t
+            yield from attr.tensors
+            if attr.HasField("g"):
+                yield from _all_onnx_tensors(attr.g)
+            for sub in attr.graphs:
+                yield from _all_onnx_tensors(sub)
+
+
+def _smoke_test(module: nn.Module, input_shape: list[int]) -> int:
+    """Run the model on small batches of two sizes; returns the output size."""
+    sizes = []
+    with torch.no_grad():
+        for batch in (2, 3):
+            try:
+                out = module(torch.zeros(batch, *input_shape))
+            except Exception as exc:
+                raise ArtifactError(
+                    "model-smoke-test-failed",
+                    f"the model failed a forward pass on a batch of {batch} inputs of shape {input_shape}: {exc}. "
+                    "If it was exported with a fixed batch size, export it with a dynamic batch axis "
+                    "(dynamic_shapes / dynamic_axes).") from exc
+            if not isinstance(out, torch.Tensor) or out.ndim != 2 or out.shape[0] != batch:
+                shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+                raise ArtifactError("model-output-shape",
+                                    f"the model must map a batch of {batch} inputs to a ({batch}, num_outputs) tensor; "
+                                    f"got {shape}")
+            if not torch.isfinite(out).all():
+                raise ArtifactError("model-non-finite-output", "the model produced non-finite outputs on zero inputs")
+            sizes.append(out.shape[1])
+    return int(sizes[0])
+
+
+def _check_parameters(module: nn.Module) -> int:
+    count = 0
+    for name, p in module.named_parameters():
+        if not torch.isfinite(p).all():
+            raise ArtifactError("model-non-finite-weights", f"parameter {name} contains NaN or infinite values")
+        count += p.numel()
+    if count == 0:
+        raise ArtifactError("model-without-parameters", "the model has no trainable parameters")
+    return count
+
+
+def load_onnx(path: Path) -> LoadedModel:
+    import onnx
+    from onnx2pytorch import ConvertModel
+
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:
+        raise ArtifactError("invalid-onnx", f"the file is not a valid ONNX model: {exc}") from exc
+    for tensor in _all_onnx_tensors(proto.graph):
+        if tensor.data_location == onnx.TensorProto.EXTERNAL or len(tensor.external_data) > 0:
+            raise ArtifactError("onnx-external-data-refused",
+                                f"tensor {tensor.name!r} refers to external data; upload a self-contained ONNX file "
+                                "(torch.onnx.export(..., external_data=False)) under the size limit")
+    try:
+        onnx.checker.check_model(proto)
+    except Exception as exc:
+        raise ArtifactError("invalid-onnx", f"the ONNX model failed validation: {exc}") from exc
+    initializers = {t.name for t in proto.graph.initializer}
+    graph_inputs = [i for i in proto.graph.input if i.name not in initializers]
+    if len(graph_inputs) != 1 or len(proto.graph.output) != 1:
+        raise ArtifactError("onnx-signature", "the model must have exactly one input (a batch of examples) and one output")
+    dims = graph_inputs[0].type.tensor_type.shape.dim
+    if len(dims) < 2:
+        raise ArtifactError("onnx-signature", "the model input must have a batch axis and at least one feature axis")
+    input_shape = []
+    for d in dims[1:]:
+        if not d.HasField("dim_value") or d.dim_value <= 0:
+            raise ArtifactError("onnx-signature", "every input axis after the batch axis must have a fixed size")
+        input_shape.append(int(d.dim_value))
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            module = ConvertModel(proto, experimental=True)
+    except Exception as exc:
+        raise ArtifactError("unsupported-onnx", f"the ONNX model could not be converted to PyTorch modules: {exc}") from exc
+    module.eval()
+    num_parameters = _check_parameters(module)
+    num_outputs = _smoke_test(module, input_shape)
+    return LoadedModel(module, "onnx", num_parameters, input_shape, num_outputs)
+
+
+def read_safetensors_header(path: Path) -> dict:
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        if len(raw) < 8:
+            raise ArtifactError("invalid-safetensors", "the file is too short to be safetensors")
+        (header_len,) = struct.unpack("<Q", raw)
+        if header_len > MAX_SAFETENSORS_HEADER or header_len + 8 > size:
+            raise ArtifactError("invalid-safetensors", f"the safetensors header length {header_len} is implausible")
+        try:
+            header = json.loads(f.read(header_len))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ArtifactError("invalid-safetensors", f"the safetensors header is not valid JSON: {exc}") from exc
+    if not isinstance(header, dict):
+        raise ArtifactError("invalid-safetensors", "the safetensors header must be a JSON object")
+    data_len = size - 8 - header_len
+    for key, entry in header.items():
+        if key == "__metadata__":
+            continue
+        if not isinstance(entry, dict) or entry.get("dtype") not in SAFETENSORS_DTYPES:
+            raise ArtifactError("safetensors-dtype",
+                                f"tensor {key!r} has dtype {entry.get('dtype') if isinstance(entry, dict) else entry!r}; "
+                                f"allowed: {', '.join(SAFETENSORS_DTYPES)}")
+        shape, offsets = entry.get("shape"), entry.get("data_offsets")
+        if (not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape)
+                or not isinstance(offsets, list) or len(offsets) != 2
+                or not all(isinstance(o, int) for o in offsets) or not 0 <= offsets[0] <= offsets[1] <= data_len):
+            raise ArtifactError("invalid-safetensors", f"tensor {key!r} has an invalid shape or data range")
+        item = torch.tensor([], dtype=SAFETENSORS_DTYPES[entry["dtype"]]).element_size()
+        if math.prod(shape) * item != offsets[1] - offsets[0]:
+            raise ArtifactError("invalid-safetensors", f"tensor {key!r}: shape and byte range disagree")
+    return header
+
+
+def load_safetensors(path: Path, architecture: dict | str | None) -> LoadedModel:
+    from safetensors.torch import load_file
+
+    if architecture is None or architecture == "":
+        raise ArtifactError("architecture-required",
+                            "a .safetensors upload needs an `architecture` form field, e.g. "
+                            '{"type": "mlp", "input_size": 64, "hidden_sizes": [32], "num_classes": 10}')
+    try:
+        spec = architecture_adapter.validate_json(architecture) if isinstance(architecture, (str, bytes)) \
+            else architecture_adapter.validate_python(architecture)
+    except ValidationError as exc:
+        raise ArtifactError("invalid-architecture", f"invalid architecture: {exc.errors(include_url=False)}") from exc
+    header = read_safetensors_header(path)
+    module = spec.build()
+    expected = {k: list(v.shape) for k, v in module.state_dict().items()}
+    found = {k: v["shape"] for k, v in header.items() if k != "__metadata__"}
+    if expected.keys() != found.keys():
+        missing, extra = sorted(expected.keys() - found.keys()), sorted(found.keys() - expected.keys())
+        raise ArtifactError("weights-mismatch", f"weights do not match the architecture: missing {missing}, unexpected {extra}")
+    wrong = {k: (found[k], expected[k]) for k in expected if found[k] != expected[k]}
+    if wrong:
+        raise ArtifactError("weights-mismatch",
+                            "tensor shapes do not match the architecture: "
+                            + ", ".join(f"{k} is {a}, expected {b}" for k, (a, b) in wrong.items()))
+    try:
+        tensors = load_file(str(path))
+    except Exception as exc:
+        raise ArtifactError("invalid-safetensors", f"could not read the tensors: {exc}") from exc
+    module.load_state_dict({k: v.float() for k, v in tensors.items()}, strict=True)
+    module.eval()
+    num_parameters = _check_parameters(module)
+    input_shape = list(spec.input_shape)
+    num_outputs = _smoke_test(module, input_shape)
+    return LoadedModel(module, "safetensors", num_parameters, input_shape, num_outputs,
+                       architecture=spec.model_dump())
+
+
+def load_model(path: Path, fmt: str, architecture: dict | str | None = None) -> LoadedModel:
+    if fmt == "onnx":
+        return load_onnx(path)
+    if fmt == "safetensors":
+        return load_safetensors(path, architecture)
+    raise ArtifactError("unsupported-model-format", f"unknown model format {fmt!r}", status=415)
+
+
+# --------------------------------------------------------------------------------------- datasets
+
+def detect_dataset_format(filename: str, head: bytes) -> str:
+    name = (filename or "").lower()
+    if name.endswith((".pkl", ".pickle", ".npy", ".pt", ".pth", ".joblib")):
+        raise ArtifactError("unsupported-dataset-format",
+                            f"{filename!r}: upload an .npz with `inputs` and `labels` arrays, or a .csv with a "
+                            "`label` column and numeric feature columns", status=415)
+    if name.endswith(".npz"):
+        return "npz"
+    if name.endswith(".csv"):
+        return "csv"
+    raise ArtifactError("unsupported-dataset-format",
+                        f"unsupported dataset file {filename!r}: upload .npz (arrays `inputs`, `labels`) or .csv "
+                        "(a `label` column and numeric features)", status=415)
+
+
+@dataclass
+class DatasetLimits:
+    max_examples: int = 5_000_000
+    max_features: int = 10_000_000
+    max_classes: int = 100_000
+    max_uncompressed_bytes: int = 8 * 1024**3
+
+
+def _finish_dataset(inputs: np.ndarray, labels: np.ndarray, fmt: str, limits: DatasetLimits) -> LoadedDataset:
+    if inputs.dtype.kind not in "fiub":
+        raise ArtifactError("dataset-dtype", f"`inputs` must be numeric, got dtype {inputs.dtype}")
+    if inputs.ndim < 2:
+        raise ArtifactError("dataset-shape", f"`inputs` must have shape (examples, features...), got {inputs.shape}")
+    if labels.ndim != 1:
+        raise ArtifactError("dataset-shape", f"`labels` must be one-dimensional, got shape {labels.shape}")
+    if labels.dtype.kind not in "iu":
+        raise ArtifactError("labels-not-integers", f"`labels` must be integers 0..C-1, got dtype {labels.dtype}")
+    n = inputs.shape[0]
+    if labels.shape[0] != n:
+        raise ArtifactError("dataset-shape", f"`inputs` has {n} examples but `labels` has {labels.shape[0]}")
+    if n == 0:
+        raise ArtifactError("dataset-empty", "the dataset has no examples")
+    if n > limits.max_examples:
+        raise ArtifactError("dataset-too-large", f"{n} examples exceed the limit of {limits.max_examples}", status=413)
+    if math.prod(inputs.shape[1:]) > limits.max_features:
+        raise ArtifactError("dataset-too-large", f"each example has more than {limits.max_features} values", status=413)
+    inputs = inputs.astype(np.float32, copy=False)
+    if not np.isfinite(inputs).all():
+        bad = int((~np.isfinite(inputs)).reshape(n, -1).any(1).argmax())
+        raise ArtifactError("dataset-non-finite", f"`inputs` contains NaN or infinite values (first at example {bad})")
+    if labels.min() < 0:
+        raise ArtifactError("labels-out-of-range", f"labels must be in 0..C-1; found {int(labels.min())}")
+    num_classes = int(labels.max()) + 1
+    if num_classes > limits.max_classes:
+        raise ArtifactError("labels-out-of-range", f"label {num_classes - 1} exceeds the limit of {limits.max_classes} classes")
+    labels = labels.astype(np.int64, copy=False)
+    counts = np.bincount(labels, minlength=num_classes).tolist()
+    return LoadedDataset(np.ascontiguousarray(inputs), labels, fmt, num_classes, counts)
+
+
+def load_npz(path: Path, limits: DatasetLimits) -> LoadedDataset:
+    try:
+        with zipfile.ZipFile(path) as archive:
+            infos = archive.infolist()
+    except (zipfile.BadZipFile, OSError) as exc:
+        raise ArtifactError("invalid-npz", f"the file is not a valid .npz archive: {exc}") from exc
+    names = {i.filename for i in infos}
+    for required in ("inputs.npy", "labels.npy"):
+        if required not in names:
+            raise ArtifactError("invalid-npz", f"the .npz must contain arrays `inputs` and `labels`; found {sorted(n.removesuffix('.npy') for n in names)}")
+    # The zip directory states each member's uncompressed size: refuse bombs before inflating anything.
+    total = sum(i.file_size for i in infos if i.filename in ("inputs.npy", "labels.npy"))
+    if total > limits.max_uncompressed_bytes:
+        raise ArtifactError("dataset-too-large", f"the arrays would take {total} bytes uncompressed; the limit is "
+                            f"{limits.max_uncompressed_bytes}", status=413)
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            inputs, labels = npz["inputs"], npz["labels"]
+    except ValueError as exc:
+        if "allow_pickle" in str(exc) or "Object arrays" in str(exc):
+            raise ArtifactError("dataset-object-arrays", "object arrays are refused (they need pickle); store numeric arrays") from exc
+        raise ArtifactError("invalid-npz", f"could not read the arrays: {exc}") from exc
+    except (OSError, zipfile.BadZipFile, EOFError) as exc:
+        raise ArtifactError("invalid-npz", f"could not read the arrays: {exc}") from exc
+    return _finish_dataset(inputs, labels, "npz", limits)
+
+
+def load_csv(path: Path, limits: DatasetLimits) -> LoadedDataset:
+    rows: list[list[float]] = []
+    labels: list[int] = []
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            reader = csv.reader(f)
+            header = next(reader, None)
+            if not header or "label" not in header:
+                raise ArtifactError("csv-no-label", "the CSV needs a header row with a `label` column")
+            if len(header) - 1 > limits.max_features or len(header) < 2:
+                raise ArtifactError("dataset-shape", "the CSV needs a `label` column and at least one feature column")
+            label_at = header.index("label")
+            for line_no, row in enumerate(reader, start=2):
+                if not row:
+                    continue
+                if len(row) != len(header):
+                    raise ArtifactError("csv-ragged", f"line {line_no} has {len(row)} fields, the header has {len(header)}")
+                if len(rows) >= limits.max_examples:
+                    raise ArtifactError("dataset-too-large", f"more than {limits.max_examples} rows", status=413)
+                try:
+                    label_text = row[label_at].strip()
+                    label = int(label_text)
+                except ValueError:
+                    raise ArtifactError("labels-not-integers", f"line {line_no}: label {row[label_at]!r} is not an integer") from None
+                try:
+                    values = [float(v) for i, v in enumerate(row) if i != label_at]
+                except ValueError:
+                    raise ArtifactError("dataset-dtype", f"line {line_no}: a feature value is not a number") from None
+                rows.append(values)
+                labels.append(label)
+    except UnicodeDecodeError as exc:
+        raise ArtifactError("invalid-csv", f"the CSV is not UTF-8 text: {exc}") from exc
+    except csv.Error as exc:
+        raise ArtifactError("invalid-csv", f"the CSV could not be parsed: {exc}") from exc
+    if not rows:
+        raise ArtifactError("dataset-empty", "the CSV has no data rows")
+    return _finish_dataset(np.asarray(rows, dtype=np.float64), np.asarray(labels, dtype=np.int64), "csv", limits)
+
+
+def load_dataset(path: Path, fmt: str, limits: DatasetLimits | None = None) -> LoadedDataset:
+    limits = limits or DatasetLimits()
+    if fmt == "npz":
+        return load_npz(path, limits)
+    if fmt == "csv":
+        return load_csv(path, limits)
+    raise ArtifactError("unsupported-dataset-format", f"unknown dataset format {fmt!r}", status=415)
+
+
+def check_fit(model: LoadedModel, dataset: LoadedDataset) -> None:
+    """The model's input shape and output size must fit the dataset (checked when an audit is created)."""
+    if list(model.input_shape) != list(dataset.input_shape):
+        raise ArtifactError("model-dataset-mismatch",
+                            f"the model takes inputs of shape {model.input_shape} but the dataset's examples have shape "
+                            f"{dataset.input_shape}")
+    if model.num_outputs < dataset.num_classes:
+        raise ArtifactError("model-dataset-mismatch",
+                            f"the dataset has labels up to {dataset.num_classes - 1} but the model has only "
+                            f"{model.num_outputs} outputs")

@@ -1,0 +1,73 @@
+"""HTTP endpoints for model and dataset uploads (HTTP only; logic in service.py)."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Annotated
+
+from fastapi import APIRouter, File, Form, Query, Response, UploadFile
+
+from app.core.deps import SessionDep, SettingsDep, StoreDep, TenantDep
+from app.core.errors import PROBLEM_RESPONSES, not_found
+
+from . import repository, service
+from .schemas import DatasetOut, ModelOut
+
+router = APIRouter(prefix="/v1", responses=PROBLEM_RESPONSES)
+
+
+@router.post("/models", status_code=201, response_model=ModelOut, tags=["models"],
+             summary="Upload a trained classifier (ONNX, or safetensors weights of a built-in architecture)")
+def upload_model(
+    session: SessionDep, store: StoreDep, settings: SettingsDep, tenant: TenantDep, response: Response,
+    file: Annotated[UploadFile, File(description="A .onnx model, or .safetensors weights")],
+    name: Annotated[str | None, Form(max_length=255)] = None,
+    architecture: Annotated[str | None, Form(max_length=10_000, description=(
+        'JSON naming a built-in architecture for .safetensors, e.g. {"type": "mlp", "input_size": 64, '
+        '"hidden_sizes": [32], "num_classes": 10}'))] = None,
+):
+    row = service.create_model(session=session, store=store, settings=settings, tenant_id=tenant, source=file.file,
+                               filename=file.filename or "", name=name, architecture=architecture)
+    session.commit()
+    response.headers["Location"] = f"/v1/models/{row.id}"
+    return row
+
+
+@router.get("/models/{model_id}", response_model=ModelOut, tags=["models"])
+def get_model(model_id: uuid.UUID, session: SessionDep, tenant: TenantDep):
+    row = repository.get_model(session, tenant, model_id)
+    if row is None:
+        raise not_found("model", model_id)
+    return row
+
+
+@router.get("/models", response_model=list[ModelOut], tags=["models"])
+def list_models(session: SessionDep, tenant: TenantDep, limit: Annotated[int, Query(ge=1, le=500)] = 100):
+    return repository.list_models(session, tenant, limit)
+
+
+@router.post("/datasets", status_code=201, response_model=DatasetOut, tags=["datasets"],
+             summary="Upload a labelled training set (.npz with `inputs` and `labels`, or .csv with a `label` column)")
+def upload_dataset(
+    session: SessionDep, store: StoreDep, settings: SettingsDep, tenant: TenantDep, response: Response,
+    file: Annotated[UploadFile, File(description=".npz with arrays `inputs` (float) and `labels` (int), or .csv")],
+    name: Annotated[str | None, Form(max_length=255)] = None,
+):
+    row = service.create_dataset(session=session, store=store, settings=settings, tenant_id=tenant, source=file.file,
+                                 filename=file.filename or "", name=name)
+    session.commit()
+    response.headers["Location"] = f"/v1/datasets/{row.id}"
+    return row
+
+
+@router.get("/datasets/{dataset_id}", response_model=DatasetOut, tags=["datasets"])
+def get_dataset(dataset_id: uuid.UUID, session: SessionDep, tenant: TenantDep):
+    row = repository.get_dataset(session, tenant, dataset_id)
+    if row is None:
+        raise not_found("dataset", dataset_id)
+    return row
+
+
+@router.get("/datasets", response_model=list[DatasetOut], tags=["datasets"])
+def list_datasets(session: SessionDep, tenant: TenantDep, limit: Annotated[int, Query(ge=1, le=500)] = 100):
+    return repository.list_datasets(session, tenant, limit)

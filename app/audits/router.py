@@ -1,0 +1,127 @@
+"""HTTP endpoints for audits: create, poll, cancel, flags, scores."""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import uuid
+from typing import Annotated
+
+from fastapi import APIRouter, Header, Query, Response
+from fastapi.responses import StreamingResponse
+
+from app.core.deps import SessionDep, StoreDep, TenantDep
+from app.core.errors import PROBLEM_RESPONSES, not_found
+from app.core.pagination import decode_cursor, encode_cursor
+from app.influence.registry import available_methods
+
+from . import repository, service
+from .schemas import AuditCreate, AuditList, AuditOut, FlagOut, FlagPage, MethodsOut, ScoreOut, ScorePage
+
+router = APIRouter(prefix="/v1", responses=PROBLEM_RESPONSES)
+RESULT_RESPONSES = {409: PROBLEM_RESPONSES[400] | {"description": "The audit has not succeeded"}}
+
+
+def _audit_or_404(session, tenant, audit_id):
+    audit = repository.get_audit(session, tenant, audit_id)
+    if audit is None:
+        raise not_found("audit", audit_id)
+    return audit
+
+
+@router.get("/methods", response_model=MethodsOut, tags=["audits"], summary="Influence estimators this server offers")
+def methods():
+    return MethodsOut(methods=available_methods(), default=AuditCreate.model_fields["method"].default)
+
+
+@router.post("/audits", status_code=202, response_model=AuditOut, tags=["audits"],
+             summary="Start an audit: a worker scores every training example; poll the Location")
+def create_audit(body: AuditCreate, session: SessionDep, tenant: TenantDep, response: Response):
+    audit = service.create_audit(session=session, tenant_id=tenant, request=body)
+    session.commit()  # the row is the source of truth: commit before the message exists
+    service.enqueue(session, audit.id)
+    session.refresh(audit)
+    response.headers["Location"] = f"/v1/audits/{audit.id}"
+    response.headers["Retry-After"] = "2"
+    return audit
+
+
+@router.get("/audits", response_model=AuditList, tags=["audits"])
+def list_audits(session: SessionDep, tenant: TenantDep, limit: Annotated[int, Query(ge=1, le=500)] = 100):
+    return AuditList(items=repository.list_audits(session, tenant, limit))
+
+
+@router.get("/audits/{audit_id}", response_model=AuditOut, tags=["audits"])
+def get_audit(audit_id: uuid.UUID, session: SessionDep, tenant: TenantDep, response: Response):
+    audit = _audit_or_404(session, tenant, audit_id)
+    if audit.status in ("queued", "running"):
+        response.headers["Retry-After"] = "2"
+    return audit
+
+
+@router.post("/audits/{audit_id}/cancel", response_model=AuditOut, tags=["audits"], responses=RESULT_RESPONSES,
+             summary="Cancel a queued or running audit (a running one stops at its next batch boundary)")
+def cancel_audit(audit_id: uuid.UUID, session: SessionDep, tenant: TenantDep):
+    return service.cancel_audit(session, _audit_or_404(session, tenant, audit_id))
+
+
+@router.get("/audits/{audit_id}/flags", response_model=FlagPage, tags=["audits"], responses=RESULT_RESPONSES,
+            summary="Flagged examples, most suspicious first (keyset pagination)")
+def list_flags(audit_id: uuid.UUID, session: SessionDep, tenant: TenantDep,
+               limit: Annotated[int, Query(ge=1, le=1000)] = 100, cursor: Annotated[str | None, Query(max_length=200)] = None):
+    audit = _audit_or_404(session, tenant, audit_id)
+    service.require_finished(audit)
+    after = decode_cursor(cursor, "rank")
+    rows = repository.flags_after(session, audit.id, after, limit + 1)
+    more = len(rows) > limit
+    rows = rows[:limit]
+    items = [FlagOut(rank=r.rank, index=r.example_index, given_label=r.given_label, predicted_label=r.predicted_label,
+                     score=r.score, loss=r.loss, given_label_probability=r.given_label_probability) for r in rows]
+    return FlagPage(items=items, next_cursor=encode_cursor("rank", rows[-1].rank) if more else None)
+
+
+def _finite(value: float) -> float | None:
+    return value if math.isfinite(value) else None
+
+
+@router.get("/audits/{audit_id}/scores", response_model=ScorePage, tags=["audits"],
+            responses=RESULT_RESPONSES | {200: {"content": {"text/csv": {}}, "description": "JSON page, or CSV with Accept: text/csv"}},
+            summary="Every example's score in dataset order; JSON pages, or all rows as CSV with Accept: text/csv")
+def list_scores(audit_id: uuid.UUID, session: SessionDep, store: StoreDep, tenant: TenantDep,
+                limit: Annotated[int, Query(ge=1, le=10_000)] = 1000,
+                cursor: Annotated[str | None, Query(max_length=200)] = None,
+                accept: Annotated[str | None, Header()] = None):
+    audit = _audit_or_404(session, tenant, audit_id)
+    service.require_finished(audit)
+    data = service.load_scores(store, audit)
+    n = int(data["score"].shape[0])
+    has_raw = "self_influence" in data
+    columns = ["index", "score", "given_label", "predicted_label", "loss", "given_label_probability"] + (
+        ["self_influence"] if has_raw else [])
+
+    def row(i: int) -> list:
+        values = [i, float(data["score"][i]), int(data["given_label"][i]), int(data["predicted_label"][i]),
+                  float(data["loss"][i]), float(data["given_label_probability"][i])]
+        return values + ([float(data["self_influence"][i])] if has_raw else [])
+
+    if accept and "text/csv" in accept:
+        def rows():
+            buffer = io.StringIO()
+            writer = csv.writer(buffer)
+            writer.writerow(columns)
+            for i in range(n):
+                writer.writerow(row(i))
+                if buffer.tell() > 64 * 1024:
+                    yield buffer.getvalue()
+                    buffer.seek(0)
+                    buffer.truncate()
+            yield buffer.getvalue()
+
+        return StreamingResponse(rows(), media_type="text/csv",
+                                 headers={"Content-Disposition": f'attachment; filename="audit-{audit.id}-scores.csv"'})
+    start = decode_cursor(cursor, "index")
+    stop = min(n, start + limit)
+    items = [ScoreOut(**{k: (_finite(v) if isinstance(v, float) else v) for k, v in zip(columns, row(i))})
+             for i in range(start, stop)]
+    return ScorePage(items=items, next_cursor=encode_cursor("index", stop) if stop < n else None)

@@ -1,0 +1,92 @@
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from app.core.timeutil import as_utc
+
+AuditStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+TERMINAL = ("succeeded", "failed", "cancelled")
+
+
+class AuditCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    model_id: uuid.UUID
+    dataset_id: uuid.UUID
+    method: str = Field("exact", max_length=32, description="Influence estimator: exact, identity, ... (see GET /v1/methods)")
+    damping: float | None = Field(None, gt=0, le=1e6, description="lambda; null = 0.1 x mean eigenvalue of the curvature")
+    weight_decay: float = Field(0.0, ge=0, le=1e3, description="L2 strength used in training; added to the curvature")
+    batch_size: int = Field(256, ge=1, le=8192)
+    seed: int = Field(0, ge=0, le=2**31 - 1, description="Seed for sampled-label Fisher statistics")
+    fisher_samples: int = Field(1, ge=1, le=64, description="Labels sampled from the model per example (Fisher stats)")
+    flag_fraction: float = Field(0.1, gt=0, le=1, description="Fraction of examples flagged, most suspicious first")
+    name: str | None = Field(None, max_length=255)
+
+
+class AuditOut(BaseModel):
+    model_config = ConfigDict(from_attributes=True, protected_namespaces=())
+
+    id: uuid.UUID
+    status: AuditStatus
+    progress: float
+    stage: str | None
+    error: str | None
+    method: str
+    damping: float | None = Field(description="The damping used (the requested one until the run computes it)")
+    damping_requested: float | None
+    model_id: uuid.UUID
+    dataset_id: uuid.UUID
+    params: dict
+    attempts: int
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    summary: dict | None
+
+    @field_validator("created_at", "started_at", "finished_at", mode="after")
+    @classmethod
+    def _utc(cls, value):
+        return as_utc(value)
+
+
+class AuditList(BaseModel):
+    items: list[AuditOut]
+
+
+class FlagOut(BaseModel):
+    rank: int = Field(description="1 = most suspicious")
+    index: int = Field(description="Position of the example in the uploaded dataset")
+    given_label: int
+    predicted_label: int
+    score: float = Field(description="Higher = more suspicious")
+    loss: float
+    given_label_probability: float
+
+
+class FlagPage(BaseModel):
+    items: list[FlagOut]
+    next_cursor: str | None
+
+
+class ScoreOut(BaseModel):
+    index: int
+    score: float
+    given_label: int
+    predicted_label: int
+    loss: float
+    given_label_probability: float
+    self_influence: float | None = Field(None, description="Raw g^T (G + damping I)^-1 g where the method has one")
+
+
+class ScorePage(BaseModel):
+    items: list[ScoreOut]
+    next_cursor: str | None
+
+
+class MethodsOut(BaseModel):
+    methods: list[str]
+    default: str

@@ -1,0 +1,90 @@
+"""Audit lifecycle on the API side: create (row first, message second), cancel, read results."""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+from sqlalchemy import update
+from sqlalchemy.orm import Session
+
+from app.artifacts import repository as artifacts
+from app.core.errors import ProblemError, not_found
+from app.core.storage import ArtifactStore
+from app.core.timeutil import utcnow
+from app.influence.registry import available_methods
+
+from .schemas import TERMINAL, AuditCreate
+from .tables import Audit
+
+log = logging.getLogger(__name__)
+
+
+def create_audit(*, session: Session, tenant_id: str, request: AuditCreate) -> Audit:
+    model = artifacts.get_model(session, tenant_id, request.model_id)
+    if model is None:
+        raise not_found("model", request.model_id)
+    dataset = artifacts.get_dataset(session, tenant_id, request.dataset_id)
+    if dataset is None:
+        raise not_found("dataset", request.dataset_id)
+    if request.method not in available_methods():
+        raise ProblemError(422, "unknown-method",
+                           f"unknown method {request.method!r}; available: {', '.join(available_methods())}")
+    if list(model.input_shape) != list(dataset.input_shape):
+        raise ProblemError(422, "model-dataset-mismatch",
+                           f"the model takes inputs of shape {model.input_shape} but the dataset's examples have shape "
+                           f"{dataset.input_shape}")
+    params = request.model_dump(mode="json", exclude={"model_id", "dataset_id", "method", "damping"})
+    audit = Audit(tenant_id=tenant_id, model_id=model.id, dataset_id=dataset.id, status="queued",
+                  method=request.method, damping_requested=request.damping, damping=request.damping, params=params,
+                  progress=0.0, stage="queued", attempts=0)
+    session.add(audit)
+    session.flush()
+    return audit
+
+
+def enqueue(session: Session, audit_id: uuid.UUID) -> None:
+    """Send the message (only the id) after the row is committed; a failure is left to the reaper."""
+    from worker.celery_app import RUN_AUDIT, celery_app
+
+    try:
+        celery_app.send_task(RUN_AUDIT, args=[str(audit_id)])
+    except Exception:  # broker down: the row stays queued and the reaper re-sends it
+        log.exception("could not enqueue audit %s; the reaper will retry", audit_id)
+        return
+    session.execute(update(Audit).where(Audit.id == audit_id).values(enqueued_at=utcnow()))
+    session.commit()
+
+
+def cancel_audit(session: Session, audit: Audit) -> Audit:
+    if audit.status in TERMINAL:
+        raise ProblemError(409, "audit-finished", f"the audit already ended ({audit.status})")
+    # Compare-and-set on the status, so a job finishing at the same moment wins cleanly.
+    result = session.execute(update(Audit).where(Audit.id == audit.id, Audit.status.in_(("queued", "running")))
+                             .values(status="cancelled", finished_at=utcnow(), stage="cancelled"))
+    session.commit()
+    session.refresh(audit)
+    if result.rowcount == 0:
+        raise ProblemError(409, "audit-finished", f"the audit already ended ({audit.status})")
+    return audit
+
+
+def require_finished(audit: Audit) -> None:
+    if audit.status != "succeeded":
+        detail = f"the audit is {audit.status}; results exist only once it has succeeded"
+        if audit.status == "failed":
+            detail += f" (error: {audit.error})"
+        raise ProblemError(409, "audit-not-succeeded", detail)
+
+
+@lru_cache(maxsize=16)
+def _read_scores(path: Path) -> dict[str, np.ndarray]:
+    with np.load(path, allow_pickle=False) as npz:
+        return {k: npz[k] for k in npz.files}
+
+
+def load_scores(store: ArtifactStore, audit: Audit) -> dict[str, np.ndarray]:
+    return _read_scores(store.path_for(audit.scores_sha256))

@@ -1,0 +1,52 @@
+"""Audit jobs (the source of truth for job state) and the examples they flag."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+
+from sqlalchemy import JSON, DateTime, Float, ForeignKey, Index, Integer, String, Text, func
+from sqlalchemy.orm import Mapped, mapped_column
+
+from app.core.db import Base
+
+
+class Audit(Base):
+    __tablename__ = "audit"
+
+    id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=uuid.uuid4)
+    tenant_id: Mapped[str] = mapped_column(String(64), index=True)
+    model_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("model.id"))
+    dataset_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("dataset.id"))
+    status: Mapped[str] = mapped_column(String(16), index=True)  # queued|running|succeeded|failed|cancelled
+    method: Mapped[str] = mapped_column(String(32))
+    damping_requested: Mapped[float | None] = mapped_column(Float)
+    damping: Mapped[float | None] = mapped_column(Float)  # the value actually used
+    params: Mapped[dict] = mapped_column(JSON)
+    progress: Mapped[float] = mapped_column(Float, default=0.0)
+    stage: Mapped[str | None] = mapped_column(String(64))
+    error: Mapped[str | None] = mapped_column(Text)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    claim_token: Mapped[str | None] = mapped_column(String(64))  # which attempt owns the job
+    worker: Mapped[str | None] = mapped_column(String(255))
+    heartbeat_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    enqueued_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+    started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    summary: Mapped[dict | None] = mapped_column(JSON)
+    scores_sha256: Mapped[str | None] = mapped_column(String(64))
+
+
+class AuditFlag(Base):
+    __tablename__ = "audit_flag"
+    __table_args__ = (Index("ix_audit_flag_audit_id_example_index", "audit_id", "example_index", unique=True),)
+
+    audit_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("audit.id", ondelete="CASCADE"), primary_key=True)
+    rank: Mapped[int] = mapped_column(Integer, primary_key=True)  # 1 = most suspicious
+    example_index: Mapped[int] = mapped_column(Integer)
+    given_label: Mapped[int] = mapped_column(Integer)
+    predicted_label: Mapped[int] = mapped_column(Integer)
+    score: Mapped[float] = mapped_column(Float)
+    loss: Mapped[float] = mapped_column(Float)
+    given_label_probability: Mapped[float] = mapped_column(Float)

@@ -1,0 +1,118 @@
+"""Command line: `pbrf-audit serve` (API + worker), `migrate`, `worker`, `api`.
+
+`serve` is what `make run` starts: it applies the Alembic migrations, starts one Celery worker
+process (prefork, concurrency 1: one job per GPU) and the uvicorn API, and stops both on Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import typer
+
+app = typer.Typer(add_completion=False, help="pbrf-audit: influence-based label auditing service.")
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _alembic_config(database_url: str | None = None):
+    from alembic.config import Config
+
+    config = Config(str(ROOT / "alembic.ini"))
+    config.set_main_option("script_location", str(ROOT / "migrations"))
+    config.attributes["configure_logger"] = False
+    if database_url:
+        config.attributes["database_url"] = database_url
+    return config
+
+
+@app.command()
+def migrate() -> None:
+    """Apply the database migrations (alembic upgrade head)."""
+    from alembic import command
+
+    from app.core.config import get_settings
+
+    command.upgrade(_alembic_config(get_settings().database_url), "head")
+    typer.echo("database schema is at the latest revision")
+
+
+def worker_command(loglevel: str = "INFO") -> list[str]:
+    return [sys.executable, "-m", "celery", "-A", "worker.celery_app:celery_app", "worker", "--pool", "prefork",
+            "--concurrency", "1", "--loglevel", loglevel, "--without-gossip", "--without-mingle", "-n",
+            f"pbrf-worker-{os.getpid()}@%h"]
+
+
+@app.command()
+def worker(loglevel: str = "INFO") -> None:
+    """Run one Celery worker (prefork, concurrency 1)."""
+    os.execv(sys.executable, worker_command(loglevel))
+
+
+@app.command()
+def api(host: str | None = None, port: int | None = None) -> None:
+    """Run only the HTTP API (uvicorn)."""
+    import uvicorn
+
+    from app.core.config import get_settings
+
+    settings = get_settings()
+    uvicorn.run("app.main:create_app", factory=True, host=host or settings.host, port=port or settings.port,
+                log_level="info")
+
+
+@app.command()
+def serve(host: str | None = None, port: int | None = None, loglevel: str = "INFO") -> None:
+    """Migrate, then run the API and one worker together until Ctrl-C."""
+    from app.core.config import get_settings
+
+    settings = get_settings()
+    migrate()
+    host, port = host or settings.host, port or settings.port
+    typer.echo(f"pbrf-audit serving on http://{host}:{port}  (docs: http://{host}:{port}/docs)")
+    typer.echo(f"  database: {settings.database_url}")
+    typer.echo(f"  artifacts: {Path(settings.storage_dir).resolve()}")
+    typer.echo(f"  broker: {settings.broker_url}" + (f" (queue folder {settings.queue_dir.resolve()})"
+                                                    if settings.embedded_broker else ""))
+    children = [
+        subprocess.Popen(worker_command(loglevel)),
+        subprocess.Popen([sys.executable, "-m", "uvicorn", "app.main:create_app", "--factory", "--host", host,
+                          "--port", str(port)]),
+    ]
+    stopping = False
+
+    def stop(*_args):
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, stop)
+    try:
+        while not stopping and all(child.poll() is None for child in children):
+            time.sleep(0.2)
+    finally:
+        for child in children:
+            if child.poll() is None:
+                child.send_signal(signal.SIGTERM)  # warm shutdown for celery, graceful for uvicorn
+        deadline = time.monotonic() + 20
+        for child in children:
+            try:
+                child.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                child.kill()
+                child.wait()
+    typer.echo("pbrf-audit stopped")
+    if not stopping:
+        raise typer.Exit(1)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,64 @@
+"""Settings from environment variables (prefix PBRF_), with embedded defaults when nothing is set.
+
+With nothing configured the service runs self-contained under ./var: a SQLite database, a local
+artifact store and kombu's filesystem:// broker. Production sets PBRF_DATABASE_URL (PostgreSQL) and
+PBRF_BROKER_URL (Redis); the code paths are the same.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="PBRF_", env_file=".env", env_ignore_empty=True, extra="ignore")
+
+    data_dir: Path = Field(Path("var"), description="Root for the embedded defaults (database, artifacts, queue).")
+    database_url: str = Field("", description="SQLAlchemy URL; default sqlite:///<data_dir>/pbrf-audit.db.")
+    broker_url: str = Field("filesystem://", description="Celery broker URL, e.g. redis://127.0.0.1:6379/0.")
+    storage_dir: Path | None = Field(None, description="Content-addressed artifact store; default <data_dir>/artifacts.")
+    queue_name: str = Field("pbrf-audits", description="Celery queue the audits go to.")
+    host: str = "127.0.0.1"
+    port: int = 8000
+
+    max_upload_bytes: int = Field(512 * 1024 * 1024, description="Largest accepted request body (413 above).")
+    max_examples: int = 5_000_000
+    max_features: int = 10_000_000  # elements per example
+    max_classes: int = 100_000
+    max_exact_parameters: int = 12_000
+
+    heartbeat_seconds: float = 5.0
+    stale_after_seconds: float = 120.0
+    reaper_interval_seconds: float = 30.0
+    task_soft_time_limit: int = 6 * 3600
+    task_time_limit: int = 6 * 3600 + 300
+    broker_visibility_timeout: int = 7 * 3600
+
+    @model_validator(mode="after")
+    def _defaults(self) -> Settings:
+        if not self.database_url:
+            self.database_url = f"sqlite:///{(self.data_dir / 'pbrf-audit.db').resolve()}"
+        if self.storage_dir is None:
+            self.storage_dir = self.data_dir / "artifacts"
+        if self.database_url.startswith("postgresql://"):
+            self.database_url = "postgresql+psycopg://" + self.database_url[len("postgresql://"):]
+        if not (self.task_soft_time_limit < self.task_time_limit < self.broker_visibility_timeout):
+            raise ValueError("need task_soft_time_limit < task_time_limit < broker_visibility_timeout")
+        return self
+
+    @property
+    def queue_dir(self) -> Path:
+        return self.data_dir / "queue"
+
+    @property
+    def embedded_broker(self) -> bool:
+        return self.broker_url.startswith("filesystem://")
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,70 @@
+"""The estimator interface every curvature back end implements.
+
+An estimator sees the training data only through *stages*: a stage is one streaming pass whose
+result is a sum over examples (a covariance, a GGN, an eigenvalue correction). `accumulate` takes one
+batch (or a whole shard) and returns a partial sum; partial sums from different shards add; `finish`
+turns the total into the estimator's state. That is what lets a large dataset be split across workers
+and reduced by summation. After all stages, `self_influence` scores batches.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .functional import ParamDict, num_parameters, trainable_parameters
+
+Partial = dict[str, torch.Tensor]
+
+
+class EngineError(ValueError):
+    """A problem with the request or model that the user can fix (shown to them verbatim)."""
+
+
+@dataclass
+class EstimatorOptions:
+    damping: float | None = None  # None: 0.1 x mean eigenvalue of the curvature (per layer where blockwise)
+    weight_decay: float = 0.0  # training L2 strength, added to the curvature as (G + wd I)
+    fisher_samples: int = 1  # sampled labels per example for Fisher statistics
+    seed: int = 0
+    max_exact_parameters: int = 12_000
+    lanczos_rank: int = 64
+    extra: dict = field(default_factory=dict)
+
+
+class Estimator:
+    name = "base"
+    stages: tuple[str, ...] = ()
+    # True when self_influence values are g^T (G + lambda I)^-1 g for some approximation of G.
+    uses_curvature = True
+
+    def __init__(self, model: nn.Module, loss, options: EstimatorOptions, device: torch.device):
+        self.model = model
+        self.loss = loss
+        self.options = options
+        self.device = device
+        self.params: ParamDict = trainable_parameters(model)
+        self.num_parameters = num_parameters(self.params)
+        self.damping: float | None = options.damping
+        self.generator = torch.Generator().manual_seed(options.seed)
+
+    def accumulate(self, stage: str, inputs: torch.Tensor, targets: torch.Tensor, partial: Partial | None) -> Partial:
+        raise NotImplementedError
+
+    def finish(self, stage: str, total: Partial, num_examples: int) -> None:
+        raise NotImplementedError
+
+    def self_influence(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def describe(self) -> dict:
+        """What the summary should say about how the curvature was treated."""
+        return {"estimator": self.name, "num_parameters": self.num_parameters, "damping": self.damping}
+
+
+def add_partials(a: Partial | None, b: Partial) -> Partial:
+    if a is None:
+        return b
+    return {k: a[k] + b[k] for k in b}

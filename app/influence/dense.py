@@ -1,0 +1,77 @@
+"""Estimators that work with the full parameter vector: `exact` (dense damped GGN) and `identity`."""
+
+from __future__ import annotations
+
+import torch
+
+from .base import EngineError, Estimator, Partial
+from .functional import per_example_jacobians, per_example_loss_grads
+
+
+class IdentityEstimator(Estimator):
+    """Squared gradient norm ||g_i||^2: self-influence with G replaced by the identity (the cheap baseline)."""
+
+    name = "identity"
+    stages = ()
+    uses_curvature = False
+
+    def self_influence(self, inputs, targets):
+        grads = per_example_loss_grads(self.model, self.params, self.loss, inputs, targets)
+        return grads.double().pow(2).sum(-1)
+
+    def describe(self):
+        return {"estimator": self.name, "num_parameters": self.num_parameters, "damping": None,
+                "note": "squared norm of the per-example loss gradient; no curvature"}
+
+
+class ExactEstimator(Estimator):
+    """Dense G = (1/N) sum_i J_i^T H_i J_i, damped and Cholesky-factored in float64.
+
+    Memory is P^2 doubles, so models above `max_exact_parameters` are refused.
+    This is the ground truth the scalable estimators are tested against.
+    """
+
+    name = "exact"
+    stages = ("ggn",)
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        limit = self.options.max_exact_parameters
+        if self.num_parameters > limit:
+            raise EngineError(
+                f"method 'exact' forms a dense {self.num_parameters} x {self.num_parameters} matrix; "
+                f"it is limited to models with at most {limit} parameters. Use 'ekfac', 'kfac', "
+                "'diagonal' or 'lanczos' for this model."
+            )
+        self.ggn: torch.Tensor | None = None
+        self.cholesky: torch.Tensor | None = None
+
+    def accumulate(self, stage, inputs, targets, partial: Partial | None) -> Partial:
+        jac = per_example_jacobians(self.model, self.params, inputs)  # (B, C, P)
+        outputs = self.model(inputs).detach()
+        root = self.loss.hessian_sqrt(outputs)  # (B, C, C), H = R^T R
+        weighted = torch.einsum("bkc,bcp->bkp", root, jac).reshape(-1, jac.shape[-1]).double()
+        ggn_sum = weighted.T @ weighted
+        if partial is not None:
+            ggn_sum += partial["ggn_sum"]
+        return {"ggn_sum": ggn_sum}
+
+    def finish(self, stage, total, num_examples):
+        ggn = total["ggn_sum"] / num_examples
+        if self.options.weight_decay:
+            ggn = ggn + self.options.weight_decay * torch.eye(ggn.shape[0], dtype=ggn.dtype, device=ggn.device)
+        self.ggn = ggn
+        if self.damping is None:
+            # 0.1 x mean eigenvalue; the trace gives the mean without an eigendecomposition.
+            self.damping = 0.1 * float(torch.diagonal(ggn).mean())
+        damped = ggn + self.damping * torch.eye(ggn.shape[0], dtype=ggn.dtype, device=ggn.device)
+        self.cholesky = torch.linalg.cholesky(damped)
+
+    def solve(self, vectors: torch.Tensor) -> torch.Tensor:
+        """(G + lambda I)^-1 v for each row of `vectors` (B, P)."""
+        return torch.cholesky_solve(vectors.double().T, self.cholesky).T
+
+    def self_influence(self, inputs, targets):
+        grads = per_example_loss_grads(self.model, self.params, self.loss, inputs, targets).double()
+        z = torch.linalg.solve_triangular(self.cholesky, grads.T, upper=False)
+        return z.pow(2).sum(0)

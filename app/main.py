@@ -1,0 +1,83 @@
+"""create_app(): the FastAPI application with its routers, problem+json errors and limits."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from fastapi import FastAPI, Request, Response
+from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_latest
+from sqlalchemy import text
+
+from app.artifacts.router import router as artifacts_router
+from app.audits.router import router as audits_router
+from app.core.config import get_settings
+from app.core.db import get_engine
+from app.core.errors import install_error_handlers, problem_response
+from app.core.limits import BodySizeLimit
+
+log = logging.getLogger("pbrf_audit")
+
+REQUESTS = Counter("pbrf_http_requests_total", "HTTP requests", ["method", "route", "status"])
+LATENCY = Histogram("pbrf_http_request_seconds", "HTTP request latency", ["method", "route"])
+
+DESCRIPTION = """
+Find likely mislabeled training examples with influence scores that approximate the proximal Bregman
+response function (PBRF, Bae et al. 2022). Upload a model and its training set, start an audit,
+poll it, then page through the flagged examples. Errors are RFC 9457 `application/problem+json`.
+"""
+
+
+def create_app() -> FastAPI:
+    settings = get_settings()
+    app = FastAPI(title="pbrf-audit", version="0.1.0", description=DESCRIPTION)
+    install_error_handlers(app)
+    app.include_router(artifacts_router)
+    app.include_router(audits_router)
+
+    @app.middleware("http")
+    async def metrics(request: Request, call_next):
+        started = time.perf_counter()
+        response = await call_next(request)
+        route = request.scope.get("route")
+        path = getattr(route, "path", "unmatched")
+        REQUESTS.labels(request.method, path, str(response.status_code)).inc()
+        LATENCY.labels(request.method, path).observe(time.perf_counter() - started)
+        return response
+
+    @app.get("/healthz", tags=["operations"], summary="The process is up")
+    def healthz():
+        return {"status": "ok"}
+
+    @app.get("/readyz", tags=["operations"], summary="Database and broker are reachable",
+             responses={503: {"description": "A dependency is unreachable"}})
+    def readyz():
+        checks = {}
+        try:
+            with get_engine().connect() as conn:
+                conn.execute(text("SELECT 1"))
+            checks["database"] = "ok"
+        except Exception as exc:
+            checks["database"] = f"error: {type(exc).__name__}"
+        try:
+            from worker.celery_app import celery_app
+
+            with celery_app.connection_for_write() as conn:
+                conn.ensure_connection(max_retries=1, timeout=2)
+            checks["broker"] = "ok"
+        except Exception as exc:
+            checks["broker"] = f"error: {type(exc).__name__}"
+        if all(v == "ok" for v in checks.values()):
+            return {"status": "ok", "checks": checks}
+        return problem_response(503, "not-ready", "; ".join(f"{k}: {v}" for k, v in checks.items()))
+
+    @app.get("/metrics", tags=["operations"], summary="Prometheus metrics")
+    def metrics_endpoint():
+        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+
+    # Multipart framing adds a little to the file itself; allow for it.
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_upload_bytes + 64 * 1024)
+    if settings.embedded_broker:
+        log.warning("embedded mode: SQLite at %s, artifacts in %s, filesystem broker in %s",
+                    settings.database_url, settings.storage_dir, settings.queue_dir)
+    return app

@@ -1,0 +1,237 @@
+"""What a worker does with one audit id: claim it, run the engine, persist the results atomically.
+
+The audit row is the only source of truth. A claim is a compare-and-set from `queued` to `running`
+that stamps a fresh claim token; every later write (progress, heartbeat, results) is conditional on
+that token and on the status still being `running`, so a cancelled or re-claimed job can never be
+overwritten by a stale attempt, and results are written exactly once.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import socket
+import threading
+import time
+import traceback
+import uuid
+from datetime import timedelta
+
+import numpy as np
+import torch
+from sqlalchemy import and_, delete, insert, or_, select, update
+from sqlalchemy.orm import Session, sessionmaker
+
+from app.artifacts import loaders
+from app.artifacts.service import dataset_limits
+from app.artifacts.tables import DatasetArtifact, ModelArtifact
+from app.audits.tables import Audit, AuditFlag
+from app.core.config import Settings
+from app.core.storage import ArtifactStore
+from app.core.timeutil import as_utc, utcnow
+from app.influence import AuditConfig, EngineError, run_audit
+
+log = logging.getLogger("pbrf_audit.worker")
+MAX_ATTEMPTS = 3
+
+
+class JobLost(Exception):
+    """The job was cancelled, or another attempt owns it now: stop without writing anything."""
+
+
+def claim(session: Session, audit_id: uuid.UUID, worker_name: str) -> str | None:
+    token = uuid.uuid4().hex
+    now = utcnow()
+    result = session.execute(
+        update(Audit).where(Audit.id == audit_id, Audit.status == "queued")
+        .values(status="running", claim_token=token, attempts=Audit.attempts + 1, worker=worker_name,
+                heartbeat_at=now, stage="loading", progress=0.0, error=None)
+    )
+    if result.rowcount != 1:
+        session.rollback()
+        return None
+    session.execute(update(Audit).where(Audit.id == audit_id, Audit.started_at.is_(None)).values(started_at=now))
+    session.commit()
+    return token
+
+
+def _owned(audit_id: uuid.UUID, token: str):
+    return and_(Audit.id == audit_id, Audit.claim_token == token, Audit.status == "running")
+
+
+class Heartbeat:
+    """Writes heartbeat_at on a timer (covers long single steps such as eigendecompositions) and
+    notices cancellation; the engine's progress callback checks `lost` at batch boundaries."""
+
+    def __init__(self, factory: sessionmaker, audit_id: uuid.UUID, token: str, interval: float):
+        self.factory, self.audit_id, self.token, self.interval = factory, audit_id, token, interval
+        self.lost = threading.Event()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+    def _run(self):
+        while not self._stop.wait(self.interval):
+            try:
+                with self.factory() as session:
+                    result = session.execute(update(Audit).where(_owned(self.audit_id, self.token))
+                                             .values(heartbeat_at=utcnow()))
+                    session.commit()
+                    if result.rowcount != 1:
+                        self.lost.set()
+            except Exception:
+                log.exception("heartbeat failed for audit %s", self.audit_id)
+
+
+class ProgressWriter:
+    """Engine progress callback: throttled progress/stage writes; raises JobLost when cancelled."""
+
+    def __init__(self, factory: sessionmaker, audit_id: uuid.UUID, token: str, heartbeat: Heartbeat,
+                 min_interval: float = 0.5):
+        self.factory, self.audit_id, self.token, self.heartbeat = factory, audit_id, token, heartbeat
+        self.min_interval = min_interval
+        self._last = 0.0
+        self._stage = None
+
+    def __call__(self, stage: str, fraction: float) -> None:
+        if self.heartbeat.lost.is_set():
+            raise JobLost
+        now = time.monotonic()
+        if stage == self._stage and now - self._last < self.min_interval and fraction < 1.0:
+            return
+        self._last, self._stage = now, stage
+        with self.factory() as session:
+            result = session.execute(update(Audit).where(_owned(self.audit_id, self.token))
+                                     .values(progress=round(0.98 * fraction, 4), stage=stage, heartbeat_at=utcnow()))
+            session.commit()
+        if result.rowcount != 1:
+            raise JobLost
+
+
+def _fail(factory: sessionmaker, audit_id: uuid.UUID, token: str, message: str) -> None:
+    with factory() as session:
+        session.execute(update(Audit).where(_owned(audit_id, token))
+                        .values(status="failed", error=message[:4000], finished_at=utcnow(), stage="failed"))
+        session.commit()
+
+
+def _scores_file(result, labels: np.ndarray) -> bytes:
+    arrays = {
+        "score": result.scores.numpy().astype(np.float64),
+        "loss": result.losses.numpy().astype(np.float64),
+        "predicted_label": result.predicted.numpy().astype(np.int64),
+        "given_label": labels.astype(np.int64),
+        "given_label_probability": result.given_probability.numpy().astype(np.float64),
+    }
+    if result.self_influence is not None:
+        arrays["self_influence"] = result.self_influence.numpy().astype(np.float64)
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    return buffer.getvalue()
+
+
+def run_audit_job(audit_id: uuid.UUID, settings: Settings, factory: sessionmaker, worker_name: str | None = None) -> str:
+    """Run one audit if it can be claimed. Returns the final status seen by this attempt."""
+    worker_name = worker_name or f"{socket.gethostname()}:{threading.get_native_id()}"
+    with factory() as session:
+        token = claim(session, audit_id, worker_name)
+        if token is None:
+            log.info("audit %s not claimable (already taken, finished or cancelled)", audit_id)
+            return "skipped"
+        audit = session.get(Audit, audit_id)
+        model_row = session.get(ModelArtifact, audit.model_id)
+        dataset_row = session.get(DatasetArtifact, audit.dataset_id)
+        params = dict(audit.params or {})
+        method, damping = audit.method, audit.damping_requested
+    store = ArtifactStore(settings.storage_dir)
+    try:
+        with Heartbeat(factory, audit_id, token, settings.heartbeat_seconds) as heartbeat:
+            progress = ProgressWriter(factory, audit_id, token, heartbeat)
+            progress("loading", 0.0)
+            model = loaders.load_model(store.path_for(model_row.sha256), model_row.format, model_row.architecture).module
+            dataset = loaders.load_dataset(store.path_for(dataset_row.sha256), dataset_row.format, dataset_limits(settings))
+            config = AuditConfig(method=method, damping=damping, weight_decay=params.get("weight_decay", 0.0),
+                                 batch_size=params.get("batch_size", 256), seed=params.get("seed", 0),
+                                 fisher_samples=params.get("fisher_samples", 1),
+                                 flag_fraction=params.get("flag_fraction", 0.1),
+                                 max_exact_parameters=settings.max_exact_parameters)
+            result = run_audit(model, torch.from_numpy(dataset.inputs), torch.from_numpy(dataset.labels), config,
+                               progress=progress)
+            progress("saving", 1.0)
+        scores_sha = store.put_bytes(_scores_file(result, dataset.labels))
+        flagged = result.flagged.tolist()
+        rows = [{"audit_id": audit_id, "rank": rank, "example_index": int(i), "given_label": int(dataset.labels[i]),
+                 "predicted_label": int(result.predicted[i]), "score": float(result.scores[i]),
+                 "loss": float(result.losses[i]), "given_label_probability": float(result.given_probability[i])}
+                for rank, i in enumerate(flagged, start=1)]
+        with factory() as session:
+            # One transaction: stale rows from a crashed attempt are replaced, and the status flips
+            # only if this attempt still owns the job.
+            session.execute(delete(AuditFlag).where(AuditFlag.audit_id == audit_id))
+            if rows:
+                session.execute(insert(AuditFlag), rows)
+            done = session.execute(update(Audit).where(_owned(audit_id, token)).values(
+                status="succeeded", progress=1.0, stage="done", finished_at=utcnow(), summary=result.summary,
+                damping=result.damping, scores_sha256=scores_sha))
+            if done.rowcount != 1:
+                session.rollback()
+                raise JobLost
+            session.commit()
+        log.info("audit %s succeeded (%d flags)", audit_id, len(rows))
+        return "succeeded"
+    except JobLost:
+        log.info("audit %s was cancelled or re-claimed; attempt %s stops", audit_id, token)
+        return "lost"
+    except (EngineError, loaders.ArtifactError) as exc:
+        _fail(factory, audit_id, token, str(getattr(exc, "detail", exc)))
+        return "failed"
+    except Exception as exc:
+        if type(exc).__name__ == "SoftTimeLimitExceeded":
+            _fail(factory, audit_id, token, f"the audit exceeded its time limit of {settings.task_soft_time_limit} s")
+            return "failed"
+        log.error("audit %s crashed:\n%s", audit_id, traceback.format_exc())
+        _fail(factory, audit_id, token, f"internal error while running the audit ({type(exc).__name__}: {exc})")
+        return "failed"
+
+
+def reap(factory: sessionmaker, settings: Settings, send) -> list[uuid.UUID]:
+    """Re-enqueue what a crash or a broker loss left behind; returns the ids it re-sent.
+
+    - running with a stale heartbeat: the worker died; back to queued (or failed after MAX_ATTEMPTS);
+    - queued and never sent, or sent long ago without being claimed: the message may be lost.
+    Duplicate messages are harmless: the claim lets one through.
+    """
+    now = utcnow()
+    stale = now - timedelta(seconds=settings.stale_after_seconds)
+    resend: list[uuid.UUID] = []
+    with factory() as session:
+        dead = session.scalars(select(Audit).where(Audit.status == "running", Audit.heartbeat_at < stale)).all()
+        for audit in dead:
+            if audit.attempts >= MAX_ATTEMPTS:
+                values = {"status": "failed", "finished_at": now, "stage": "failed",
+                          "error": f"the worker running this audit was lost {audit.attempts} times (crash or out of memory)"}
+            else:
+                values = {"status": "queued", "claim_token": None, "stage": "requeued after a lost worker",
+                          "enqueued_at": None}
+            session.execute(update(Audit).where(Audit.id == audit.id, Audit.status == "running",
+                                                Audit.claim_token == audit.claim_token).values(**values))
+        session.commit()
+        waiting = session.scalars(select(Audit.id).where(
+            Audit.status == "queued", or_(Audit.enqueued_at.is_(None), Audit.enqueued_at < stale))).all()
+        for audit_id in waiting:
+            try:
+                send(audit_id)
+            except Exception:
+                log.exception("reaper could not enqueue audit %s", audit_id)
+                continue
+            session.execute(update(Audit).where(Audit.id == audit_id).values(enqueued_at=utcnow()))
+            resend.append(audit_id)
+        session.commit()
+    return resend

@@ -1,0 +1,51 @@
+"""Celery tasks. CUDA is only touched inside the task (the prefork child), never at import."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import uuid
+
+from celery.signals import worker_ready, worker_shutting_down
+
+from app.core.config import get_settings
+from app.core.db import get_sessionmaker
+
+from .celery_app import RUN_AUDIT, celery_app
+from .jobs import reap, run_audit_job
+
+log = logging.getLogger("pbrf_audit.worker")
+_reaper_stop = threading.Event()
+
+
+@celery_app.task(name=RUN_AUDIT, acks_late=True, reject_on_worker_lost=True)
+def run_audit_task(audit_id: str) -> str:
+    return run_audit_job(uuid.UUID(audit_id), get_settings(), get_sessionmaker())
+
+
+def send_audit(audit_id: uuid.UUID) -> None:
+    celery_app.send_task(RUN_AUDIT, args=[str(audit_id)])
+
+
+def _reaper_loop() -> None:
+    settings = get_settings()
+    while True:
+        try:
+            requeued = reap(get_sessionmaker(), settings, send_audit)
+            if requeued:
+                log.warning("reaper re-enqueued audits %s", [str(a) for a in requeued])
+        except Exception:
+            log.exception("reaper pass failed")
+        if _reaper_stop.wait(settings.reaper_interval_seconds):
+            return
+
+
+@worker_ready.connect
+def _start_reaper(**_kwargs) -> None:
+    # Runs in the worker's main process: it outlives crashed pool children.
+    threading.Thread(target=_reaper_loop, name="pbrf-reaper", daemon=True).start()
+
+
+@worker_shutting_down.connect
+def _stop_reaper(**_kwargs) -> None:
+    _reaper_stop.set()
