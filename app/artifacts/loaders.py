@@ -30,7 +30,7 @@ DATASET_FORMATS = ("npz", "csv")
 PICKLE_SUFFIXES = (".pt", ".pth", ".pkl", ".pickle", ".pt2", ".ckpt", ".bin", ".jit", ".torchscript", ".joblib")
 EXPORT_HELP = (
     "Export the model to ONNX instead: torch.onnx.export(model.eval(), (example_batch,), 'model.onnx', "
-    "dynamic_shapes=({0: torch.export.Dim('batch')},)), or upload its state_dict as .safetensors "
+    "dynamic_shapes=({0: torch.export.Dim('batch')},), external_data=False), or upload its state_dict as .safetensors "
     "with an `architecture` form field naming a built-in architecture."
 )
 SAFETENSORS_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64}

@@ -20,7 +20,7 @@ from .tables import DatasetArtifact, ModelArtifact
 
 def dataset_limits(settings: Settings) -> loaders.DatasetLimits:
     return loaders.DatasetLimits(max_examples=settings.max_examples, max_features=settings.max_features,
-                                 max_classes=settings.max_classes, max_uncompressed_bytes=8 * settings.max_upload_bytes)
+                                 max_classes=settings.max_classes, max_uncompressed_bytes=settings.max_dataset_bytes)
 
 
 def _problem(exc: loaders.ArtifactError) -> ProblemError:

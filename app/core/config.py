@@ -26,6 +26,7 @@ class Settings(BaseSettings):
     port: int = 8000
 
     max_upload_bytes: int = Field(512 * 1024 * 1024, description="Largest accepted request body (413 above).")
+    max_dataset_bytes: int = Field(4 * 1024**3, description="Largest uncompressed dataset arrays (zip-bomb guard).")
     max_examples: int = 5_000_000
     max_features: int = 10_000_000  # elements per example
     max_classes: int = 100_000

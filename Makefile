@@ -1,0 +1,49 @@
+# pbrf-audit: `make run` serves on the embedded default; `make test` runs the whole suite.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# torch is pinned to the build that lies on the dev machines' disk; a looser spec fetches several GB.
+TORCH := torch==2.14.1 torchvision==0.29.1
+HOST ?= 127.0.0.1
+PORT ?= 8000
+PYTEST_ARGS ?=
+
+.PHONY: run test install install-test services bench clean
+
+$(VENV)/.torch:
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet $(TORCH)
+	touch $@
+
+$(VENV)/.installed: $(VENV)/.torch pyproject.toml
+	$(PY) -m pip install --quiet -e .
+	touch $@
+
+$(VENV)/.installed-test: $(VENV)/.installed pyproject.toml
+	$(PY) -m pip install --quiet -e '.[test]'
+	touch $@
+
+install: $(VENV)/.installed
+
+install-test: $(VENV)/.installed-test
+
+## Serve the API and one worker on the embedded default (SQLite, local artifacts, filesystem broker).
+run: $(VENV)/.installed
+	$(PY) -m app.cli serve --host $(HOST) --port $(PORT)
+
+## Make sure PostgreSQL and Redis run on 127.0.0.1 (starting them if not).
+services:
+	bash scripts/ensure-services.sh
+
+## The whole test suite against real PostgreSQL, Redis, Celery worker processes and HTTP.
+test: $(VENV)/.installed-test services
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+## Benchmarks (slow; results land in bench/results/).
+bench: $(VENV)/.installed-test
+	$(PY) -m pip install --quiet -e '.[bench]'
+	$(PY) bench/quality.py
+
+clean:
+	rm -rf var .pytest_cache

@@ -1,0 +1,87 @@
+"""Test helpers: models exported the way users export them, datasets as upload bytes, polling."""
+
+from __future__ import annotations
+
+import io
+import time
+import warnings
+from pathlib import Path
+
+import httpx
+import numpy as np
+import torch
+from torch import nn
+
+
+def export_onnx(model: nn.Module, example: torch.Tensor, path: Path, dynamo: bool = True) -> Path:
+    """torch.onnx.export with a dynamic batch axis, as the README tells users to do."""
+    model = model.eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if dynamo:
+            torch.onnx.export(model, (example,), str(path), dynamo=True, input_names=["x"], external_data=False,
+                              dynamic_shapes=({0: torch.export.Dim("batch")},), verbose=False)
+        else:
+            torch.onnx.export(model, (example,), str(path), dynamo=False, input_names=["x"],
+                              dynamic_axes={"x": {0: "batch"}})
+    return path
+
+
+def npz_bytes(**arrays) -> bytes:
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    return buffer.getvalue()
+
+
+def synthetic_classification(n: int = 240, features: int = 6, classes: int = 3, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    centers = rng.normal(size=(classes, features)) * 2.0
+    labels = rng.integers(0, classes, size=n)
+    inputs = (centers[labels] + rng.normal(size=(n, features))).astype(np.float32)
+    return inputs, labels.astype(np.int64)
+
+
+def quick_mlp(inputs: np.ndarray, labels: np.ndarray, hidden: int = 8, outputs: int | None = None,
+              epochs: int = 200, seed: int = 0) -> nn.Sequential:
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(inputs.shape[1], hidden), nn.Tanh(),
+                          nn.Linear(hidden, outputs or int(labels.max()) + 1))
+    opt = torch.optim.Adam(model.parameters(), lr=0.05)
+    x, y = torch.from_numpy(inputs), torch.from_numpy(labels)
+    for _ in range(epochs):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    return model.eval()
+
+
+def upload_model(client: httpx.Client, path: Path, **form) -> httpx.Response:
+    with open(path, "rb") as f:
+        return client.post("/v1/models", files={"file": (path.name, f, "application/octet-stream")}, data=form)
+
+
+def upload_dataset(client: httpx.Client, content: bytes, filename: str = "data.npz") -> httpx.Response:
+    return client.post("/v1/datasets", files={"file": (filename, content, "application/octet-stream")})
+
+
+def wait_for_audit(client: httpx.Client, audit_id: str, timeout: float = 180, interval: float = 0.05):
+    """Poll until the audit ends; returns (final body, list of (status, stage, progress) seen)."""
+    seen = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        body = client.get(f"/v1/audits/{audit_id}").json()
+        seen.append((body["status"], body["stage"], body["progress"]))
+        if body["status"] in ("succeeded", "failed", "cancelled"):
+            return body, seen
+        time.sleep(interval)
+    raise AssertionError(f"audit {audit_id} did not finish in {timeout}s; last: {seen[-3:]}")
+
+
+def assert_problem(response: httpx.Response, status: int, slug: str | None = None) -> dict:
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"].startswith("application/problem+json"), response.headers
+    body = response.json()
+    assert body["status"] == status and body["detail"] and body["type"]
+    if slug:
+        assert body["type"].endswith("/" + slug), body
+    return body

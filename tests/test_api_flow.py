@@ -1,0 +1,148 @@
+"""The whole slice through the real HTTP app, a real worker process and a real broker, on both
+backends: embedded (SQLite + filesystem://) and PostgreSQL + Redis."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from tests.helpers import (assert_problem, export_onnx, npz_bytes, quick_mlp, synthetic_classification,
+                           upload_dataset, upload_model, wait_for_audit)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    inputs, labels = synthetic_classification(n=1200, features=6, classes=3)
+    model = quick_mlp(inputs, labels, hidden=8)
+    path = export_onnx(model, torch.from_numpy(inputs[:4]), tmp_path_factory.mktemp("m") / "mlp.onnx")
+    return inputs, labels, model, path
+
+
+def test_health_and_docs(client):
+    assert client.get("/healthz").json() == {"status": "ok"}
+    ready = client.get("/readyz").json()
+    assert ready["checks"] == {"database": "ok", "broker": "ok"}
+    schema = client.get("/openapi.json").json()
+    for path in ("/v1/models", "/v1/datasets", "/v1/audits", "/v1/audits/{audit_id}", "/v1/audits/{audit_id}/flags",
+                 "/v1/audits/{audit_id}/scores", "/v1/audits/{audit_id}/cancel", "/healthz", "/readyz"):
+        assert path in schema["paths"], path
+    assert "404" in schema["paths"]["/v1/audits/{audit_id}"]["get"]["responses"]
+    assert client.get("/docs").status_code == 200
+    assert "pbrf_http_requests_total" in client.get("/metrics").text
+
+
+def test_audit_end_to_end(client, trained, service):
+    inputs, labels, model, onnx_path = trained
+    r = upload_model(client, onnx_path, name="mlp")
+    assert r.status_code == 201, r.text
+    m = r.json()
+    assert m["format"] == "onnx" and m["input_shape"] == [6] and m["num_outputs"] == 3
+    assert m["num_parameters"] == sum(p.numel() for p in model.parameters())
+    assert client.get(f"/v1/models/{m['id']}").json()["sha256"] == m["sha256"]
+
+    r = upload_dataset(client, npz_bytes(inputs=inputs, labels=labels))
+    assert r.status_code == 201, r.text
+    d = r.json()
+    assert d["num_examples"] == 1200 and d["num_classes"] == 3 and d["input_shape"] == [6]
+
+    r = client.post("/v1/audits", json={"model_id": m["id"], "dataset_id": d["id"], "method": "exact",
+                                        "batch_size": 16})
+    assert r.status_code == 202, r.text
+    audit = r.json()
+    assert r.headers["location"] == f"/v1/audits/{audit['id']}"
+    assert audit["status"] == "queued" and audit["damping"] is None
+    final, seen = wait_for_audit(client, audit["id"])
+    assert final["status"] == "succeeded", (final, service.logs()[-3000:])
+    statuses = [s for s, _, _ in seen]
+    assert "running" in statuses, seen[:5]
+    running = [(stage, p) for s, stage, p in seen if s == "running"]
+    assert any(0 < p < 1 for _, p in running) and {"ggn", "scores"} & {stage for stage, _ in running}
+    progress = [p for s, _, p in seen if s in ("queued", "running")]
+    assert progress == sorted(progress), "progress went backwards"
+    assert final["progress"] == 1.0 and final["damping"] > 0 and final["damping_requested"] is None
+    assert final["summary"]["num_examples"] == 1200 and final["summary"]["num_flagged"] == 120
+    assert final["started_at"] and final["finished_at"] and final["attempts"] == 1
+
+    # flags: keyset pages, most suspicious first
+    flags, cursor = [], None
+    while True:
+        page = client.get(f"/v1/audits/{audit['id']}/flags", params={"limit": 50} | ({"cursor": cursor} if cursor else {}))
+        assert page.status_code == 200, page.text
+        body = page.json()
+        flags += body["items"]
+        cursor = body["next_cursor"]
+        if cursor is None:
+            break
+    assert [f["rank"] for f in flags] == list(range(1, 121))
+    scores = [f["score"] for f in flags]
+    assert scores == sorted(scores, reverse=True)
+    for f in flags[:10]:
+        assert f["given_label"] == labels[f["index"]]
+    with torch.no_grad():
+        predicted = model(torch.from_numpy(inputs)).argmax(1).numpy()
+    assert all(f["predicted_label"] == predicted[f["index"]] for f in flags)
+
+    # scores: every example in dataset order, JSON pages and CSV
+    items, cursor = [], None
+    while True:
+        body = client.get(f"/v1/audits/{audit['id']}/scores",
+                          params={"limit": 500} | ({"cursor": cursor} if cursor else {})).json()
+        items += body["items"]
+        cursor = body["next_cursor"]
+        if cursor is None:
+            break
+    assert [i["index"] for i in items] == list(range(1200))
+    by_index = {i["index"]: i["score"] for i in items}
+    assert all(by_index[f["index"]] == f["score"] for f in flags)
+    assert min(f["score"] for f in flags) >= sorted(by_index.values(), reverse=True)[119]
+    r = client.get(f"/v1/audits/{audit['id']}/scores", headers={"Accept": "text/csv"})
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/csv")
+    rows = list(csv.DictReader(io.StringIO(r.text)))
+    assert len(rows) == 1200 and float(rows[5]["score"]) == pytest.approx(by_index[5])
+
+    # the identity baseline runs through the same path
+    r = client.post("/v1/audits", json={"model_id": m["id"], "dataset_id": d["id"], "method": "identity"})
+    final, _ = wait_for_audit(client, r.json()["id"])
+    assert final["status"] == "succeeded" and final["damping"] is None
+
+
+def test_safetensors_model_and_failed_job(client, tmp_path):
+    inputs, labels = synthetic_classification(n=90, features=5, classes=3, seed=1)
+    # a built-in MLP whose output size (2) is smaller than the label range (3): the job must fail readably
+    model = torch.nn.Sequential(torch.nn.Linear(5, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
+    path = tmp_path / "weights.safetensors"
+    save_file(model.state_dict(), str(path))
+    arch = {"type": "mlp", "input_size": 5, "hidden_sizes": [4], "num_classes": 2}
+    r = upload_model(client, path, architecture=json.dumps(arch))
+    assert r.status_code == 201, r.text
+    assert r.json()["format"] == "safetensors" and r.json()["num_parameters"] == 5 * 4 + 4 + 4 * 2 + 2
+    d = upload_dataset(client, npz_bytes(inputs=inputs, labels=labels)).json()
+    audit = client.post("/v1/audits", json={"model_id": r.json()["id"], "dataset_id": d["id"]}).json()
+    final, _ = wait_for_audit(client, audit["id"])
+    assert final["status"] == "failed"
+    assert "outputs" in final["error"] and "Traceback" not in final["error"]
+    assert_problem(client.get(f"/v1/audits/{audit['id']}/flags"), 409, "audit-not-succeeded")
+
+
+def test_unknown_ids_and_bad_requests(client, trained):
+    missing = "00000000-0000-4000-8000-000000000000"
+    assert_problem(client.get(f"/v1/audits/{missing}"), 404, "not-found")
+    assert_problem(client.get(f"/v1/models/{missing}"), 404, "not-found")
+    assert_problem(client.post("/v1/audits", json={"model_id": missing, "dataset_id": missing}), 404, "not-found")
+    assert_problem(client.get("/v1/audits/not-a-uuid"), 422, "validation-error")
+    assert_problem(client.post("/v1/audits", json={"model_id": 3}), 422, "validation-error")
+    _, _, _, onnx_path = trained
+    m = upload_model(client, onnx_path).json()
+    d = upload_dataset(client, npz_bytes(inputs=np.zeros((4, 7), np.float32), labels=np.zeros(4, np.int64))).json()
+    assert_problem(client.post("/v1/audits", json={"model_id": m["id"], "dataset_id": d["id"]}), 422,
+                   "model-dataset-mismatch")
+    d_ok = upload_dataset(client, npz_bytes(inputs=np.zeros((4, 6), np.float32), labels=np.zeros(4, np.int64))).json()
+    assert_problem(client.post("/v1/audits", json={"model_id": m["id"], "dataset_id": d_ok["id"], "method": "magic"}),
+                   422, "unknown-method")
+    assert_problem(client.get(f"/v1/audits/{missing}/flags", params={"cursor": "zzz"}), 404)

@@ -1,0 +1,89 @@
+"""Bad uploads get a specific 4xx problem+json and leave no file and no row behind."""
+
+from __future__ import annotations
+
+import io
+import pickle
+import zipfile
+
+import numpy as np
+import pytest
+
+from tests.helpers import assert_problem, npz_bytes, upload_dataset
+
+
+def _store_files(service):
+    root = service.data_dir / "var" if (service.data_dir / "var").exists() else service.data_dir
+    return sorted(p for p in (root / "artifacts").rglob("*") if p.is_file()) if (root / "artifacts").exists() else []
+
+
+class _Boom:
+    def __reduce__(self):
+        import os
+        return (os.system, ("touch /tmp/pbrf-pwned",))
+
+
+BAD_DATASETS = [
+    ("garbage.npz", b"this is not a zip archive", 422, "invalid-npz"),
+    ("objects.npz", npz_bytes(inputs=np.array([{"a": 1}, None], dtype=object), labels=np.array([0, 1])), 422,
+     "dataset-object-arrays"),
+    ("negative.npz", npz_bytes(inputs=np.zeros((3, 2), np.float32), labels=np.array([0, -1, 1])), 422, "labels-out-of-range"),
+    ("float-labels.npz", npz_bytes(inputs=np.zeros((3, 2), np.float32), labels=np.array([0.0, 1.5, 1.0])), 422,
+     "labels-not-integers"),
+    ("mismatch.npz", npz_bytes(inputs=np.zeros((10, 2), np.float32), labels=np.zeros(9, np.int64)), 422, "dataset-shape"),
+    ("nan.npz", npz_bytes(inputs=np.array([[0.0, np.nan]], np.float32), labels=np.array([0])), 422, "dataset-non-finite"),
+    ("strings.npz", npz_bytes(inputs=np.array([["a", "b"]]), labels=np.array([0])), 422, "dataset-dtype"),
+    ("missing.npz", npz_bytes(x=np.zeros((3, 2), np.float32)), 422, "invalid-npz"),
+    ("data.pkl", pickle.dumps(_Boom()), 415, "unsupported-dataset-format"),
+    ("ragged.csv", b"f1,f2,label\n1,2,0\n3,1\n", 422, "csv-ragged"),
+    ("nolabel.csv", b"f1,f2\n1,2\n", 422, "csv-no-label"),
+]
+
+
+@pytest.mark.parametrize("filename,content,status,slug", BAD_DATASETS, ids=[b[0] for b in BAD_DATASETS])
+def test_bad_dataset_rejected_without_side_effects(client, service, filename, content, status, slug):
+    before_rows = len(client.get("/v1/datasets").json())
+    before_files = _store_files(service)
+    assert_problem(upload_dataset(client, content, filename), status, slug)
+    assert len(client.get("/v1/datasets").json()) == before_rows
+    assert _store_files(service) == before_files
+
+
+def test_zip_bomb_npz_rejected_before_inflating(client, service):
+    buffer = io.BytesIO()
+    header = np.lib.format.header_data_from_array_1_0(np.zeros((1, 1), np.float32))
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
+        # 320 MB of zeros as inputs (over the test services' 256 MB limit): well under 1 MB compressed
+        with archive.open("inputs.npy", "w", force_zip64=True) as f:
+            f.write(b"\x93NUMPY\x01\x00" + b"\x76\x00" + repr(header | {"shape": (80 * 1024**2, 1)}).encode().ljust(117) + b"\n")
+            chunk = b"\0" * (64 * 1024 * 1024)
+            for _ in range(5):
+                f.write(chunk)
+        archive.writestr("labels.npy", npz_bytes(labels=np.zeros(1, np.int64)))
+    assert len(buffer.getvalue()) < 2 * 1024 * 1024
+    before_files = _store_files(service)
+    assert_problem(upload_dataset(client, buffer.getvalue(), "bomb.npz"), 413, "dataset-too-large")
+    assert _store_files(service) == before_files
+
+
+BAD_MODELS = [
+    ("model.onnx", b"definitely not protobuf \x00\x01", 422, "invalid-onnx"),
+    ("model.pt", pickle.dumps(_Boom()), 415, "pickle-model-refused"),
+    ("model.pt2", b"PK\x03\x04 torch.export archive", 415, "pickle-model-refused"),
+    ("model.h5", b"\x89HDF\r\n", 415, "unsupported-model-format"),
+    ("weights.safetensors", b"\x08\x00\x00\x00\x00\x00\x00\x00{}", 422, "architecture-required"),
+]
+
+
+@pytest.mark.parametrize("filename,content,status,slug", BAD_MODELS, ids=[b[0] for b in BAD_MODELS])
+def test_bad_model_rejected(client, service, filename, content, status, slug, tmp_path):
+    before_rows = len(client.get("/v1/models").json())
+    before_files = _store_files(service)
+    r = client.post("/v1/models", files={"file": (filename, content)})
+    body = assert_problem(r, status, slug)
+    if slug == "pickle-model-refused":
+        assert "ONNX" in body["detail"]
+    assert len(client.get("/v1/models").json()) == before_rows
+    assert _store_files(service) == before_files
+    import os
+    assert not os.path.exists("/tmp/pbrf-pwned")

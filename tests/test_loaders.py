@@ -1,0 +1,108 @@
+"""Model conversion and validation of uploads, at the loader level (no server)."""
+
+from __future__ import annotations
+
+import json
+import struct
+
+import onnx
+import pytest
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from app.artifacts.loaders import ArtifactError, load_onnx, load_safetensors
+from tests.helpers import export_onnx
+
+
+def mlp():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3)).eval()
+
+
+def cnn():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 3)).eval()
+
+
+@pytest.mark.parametrize("dynamo", [True, False], ids=["dynamo", "torchscript-exporter"])
+@pytest.mark.parametrize("build,shape", [(mlp, (8,)), (cnn, (1, 8, 8))], ids=["mlp", "cnn"])
+def test_onnx_converts_to_real_modules_with_identical_outputs(tmp_path, build, shape, dynamo):
+    model = build()
+    path = export_onnx(model, torch.randn(2, *shape), tmp_path / "m.onnx", dynamo=dynamo)
+    loaded = load_onnx(path)
+    assert loaded.input_shape == list(shape) and loaded.num_outputs == 3
+    assert loaded.num_parameters == sum(p.numel() for p in model.parameters())
+    kinds = {type(m).__name__ for m in loaded.module.modules()}
+    assert "Linear" in kinds and (build is mlp or "Conv2d" in kinds)
+    x = torch.randn(5, *shape)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.module(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_onnx_fixed_batch_export_is_refused_with_advice(tmp_path):
+    model = cnn()
+    path = tmp_path / "fixed.onnx"
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (torch.randn(1, 1, 8, 8),), str(path), dynamo=True, external_data=False)
+    with pytest.raises(ArtifactError) as err:
+        load_onnx(path)
+    assert err.value.slug in ("model-smoke-test-failed", "model-output-shape")
+    assert "batch" in err.value.detail
+
+
+def test_onnx_external_data_is_refused(tmp_path):
+    path = export_onnx(mlp(), torch.randn(2, 8), tmp_path / "m.onnx")
+    proto = onnx.load(str(path))
+    tensor = proto.graph.initializer[0]
+    tensor.ClearField("raw_data")
+    tensor.data_location = onnx.TensorProto.EXTERNAL
+    entry = tensor.external_data.add()
+    entry.key, entry.value = "location", "/etc/passwd"
+    evil = tmp_path / "evil.onnx"
+    evil.write_bytes(proto.SerializeToString())
+    with pytest.raises(ArtifactError) as err:
+        load_onnx(evil)
+    assert err.value.slug == "onnx-external-data-refused"
+
+
+def test_safetensors_checks(tmp_path):
+    model = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
+    arch = {"type": "mlp", "input_size": 4, "hidden_sizes": [3], "num_classes": 2}
+    good = tmp_path / "good.safetensors"
+    save_file(model.state_dict(), str(good))
+    loaded = load_safetensors(good, json.dumps(arch))
+    x = torch.randn(3, 4)
+    torch.testing.assert_close(loaded.module(x), model(x))
+
+    with pytest.raises(ArtifactError, match="missing|shape"):
+        load_safetensors(good, json.dumps(arch | {"hidden_sizes": [5]}))
+    with pytest.raises(ArtifactError) as err:
+        load_safetensors(good, json.dumps({"type": "transformer"}))
+    assert err.value.slug == "invalid-architecture"
+
+    huge = tmp_path / "huge.safetensors"
+    huge.write_bytes(struct.pack("<Q", 2**40) + b"{}")
+    with pytest.raises(ArtifactError, match="implausible"):
+        load_safetensors(huge, json.dumps(arch))
+
+    ints = tmp_path / "ints.safetensors"
+    save_file({k: (v * 100).to(torch.int32) for k, v in model.state_dict().items()}, str(ints))
+    with pytest.raises(ArtifactError) as err:
+        load_safetensors(ints, json.dumps(arch))
+    assert err.value.slug == "safetensors-dtype"
+
+    nan = tmp_path / "nan.safetensors"
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    state["0.weight"][0, 0] = float("nan")
+    save_file(state, str(nan))
+    with pytest.raises(ArtifactError) as err:
+        load_safetensors(nan, json.dumps(arch))
+    assert err.value.slug == "model-non-finite-weights"
+
+    truncated = tmp_path / "truncated.safetensors"
+    truncated.write_bytes(good.read_bytes()[:-7])
+    with pytest.raises(ArtifactError):
+        load_safetensors(truncated, json.dumps(arch))
