@@ -146,3 +146,37 @@ def test_unknown_ids_and_bad_requests(client, trained):
     assert_problem(client.post("/v1/audits", json={"model_id": m["id"], "dataset_id": d_ok["id"], "method": "magic"}),
                    422, "unknown-method")
     assert_problem(client.get(f"/v1/audits/{missing}/flags", params={"cursor": "zzz"}), 404)
+
+
+def test_every_method_through_the_worker(client, tmp_path):
+    inputs, labels = synthetic_classification(n=200, features=4, classes=3, seed=2)
+    model = quick_mlp(inputs, labels, hidden=6)
+    path = export_onnx(model, torch.from_numpy(inputs[:2]), tmp_path / "m.onnx")
+    m = upload_model(client, path).json()
+    d = upload_dataset(client, npz_bytes(inputs=inputs, labels=labels)).json()
+    methods = client.get("/v1/methods").json()
+    assert methods["default"] == "ekfac"
+    assert {"exact", "identity", "diagonal", "kfac", "ekfac", "lanczos", "cg"} <= set(methods["methods"])
+    created = {}
+    for method in ("ekfac", "kfac", "diagonal", "lanczos", "cg"):
+        body = {"model_id": m["id"], "dataset_id": d["id"], "method": method, "lanczos_rank": 8}
+        if method == "ekfac":
+            body["verify_top_k"] = 3
+        r = client.post("/v1/audits", json=body)
+        assert r.status_code == 202, r.text
+        created[method] = r.json()["id"]
+    # the default method is ekfac
+    default = client.post("/v1/audits", json={"model_id": m["id"], "dataset_id": d["id"]}).json()
+    assert default["method"] == "ekfac"
+    for method, audit_id in created.items():
+        final, _ = wait_for_audit(client, audit_id)
+        assert final["status"] == "succeeded", (method, final["error"])
+        assert final["damping"] > 0 and final["summary"]["estimator"]["estimator"] == method
+        items = client.get(f"/v1/audits/{audit_id}/scores", params={"limit": 1000}).json()["items"]
+        assert len(items) == 200 and all(i["score"] > 0 for i in items)
+    verification = client.get(f"/v1/audits/{created['ekfac']}").json()["summary"]["verification"]
+    assert verification["num_examples"] == 3 and len(verification["items"]) == 3
+    assert {"pearson", "spearman", "epsilon", "damping"} <= verification.keys()
+    layers = client.get(f"/v1/audits/{created['ekfac']}").json()["summary"]["estimator"]["layers"]
+    assert all(layer["treatment"] == "ekfac" for layer in layers) and len(layers) == 2
+    wait_for_audit(client, default["id"])

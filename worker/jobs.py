@@ -161,6 +161,8 @@ def run_audit_job(audit_id: uuid.UUID, settings: Settings, factory: sessionmaker
                                  batch_size=params.get("batch_size", 256), seed=params.get("seed", 0),
                                  fisher_samples=params.get("fisher_samples", 1),
                                  flag_fraction=params.get("flag_fraction", 0.1),
+                                 lanczos_rank=params.get("lanczos_rank", 64),
+                                 verify_top_k=params.get("verify_top_k", 0),
                                  max_exact_parameters=settings.max_exact_parameters)
             result = run_audit(model, torch.from_numpy(dataset.inputs), torch.from_numpy(dataset.labels), config,
                                progress=progress)

@@ -17,12 +17,16 @@ class AuditCreate(BaseModel):
 
     model_id: uuid.UUID
     dataset_id: uuid.UUID
-    method: str = Field("exact", max_length=32, description="Influence estimator: exact, identity, ... (see GET /v1/methods)")
+    method: str = Field("ekfac", max_length=32, description="Influence estimator (see GET /v1/methods)")
     damping: float | None = Field(None, gt=0, le=1e6, description="lambda; null = 0.1 x mean eigenvalue of the curvature")
     weight_decay: float = Field(0.0, ge=0, le=1e3, description="L2 strength used in training; added to the curvature")
     batch_size: int = Field(256, ge=1, le=8192)
     seed: int = Field(0, ge=0, le=2**31 - 1, description="Seed for sampled-label Fisher statistics")
-    fisher_samples: int = Field(1, ge=1, le=64, description="Labels sampled from the model per example (Fisher stats)")
+    fisher_samples: int = Field(1, ge=0, le=64, description=(
+        "Labels sampled from the model per example for the Fisher statistics; 0 = exact expectation over classes"))
+    lanczos_rank: int = Field(64, ge=1, le=2048, description="Eigenpairs kept by the lanczos method")
+    verify_top_k: int = Field(0, ge=0, le=200, description=(
+        "Solve the PBRF objective directly for this many top flags and report estimate-vs-PBRF agreement"))
     flag_fraction: float = Field(0.1, gt=0, le=1, description="Fraction of examples flagged, most suspicious first")
     name: str | None = Field(None, max_length=255)
 

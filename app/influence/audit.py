@@ -8,15 +8,14 @@ Scores follow kronfluence's convention: s_i = g_i^T (G + lambda I)^-1 g_i with G
 
 from __future__ import annotations
 
-import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-from .base import EngineError, Estimator, EstimatorOptions, add_partials
+from .base import BatchSource, EngineError, Estimator, EstimatorOptions
 from .registry import make_estimator
 from .losses import output_loss
 
@@ -29,10 +28,13 @@ class AuditConfig:
     damping: float | None = None
     weight_decay: float = 0.0
     batch_size: int = 256
-    fisher_samples: int = 1
+    fisher_samples: int = 1  # labels sampled from the model per example; 0 = exact expectation over classes
+    lanczos_rank: int = 64
     seed: int = 0
     loss: str = "cross_entropy"
     flag_fraction: float = 0.1
+    verify_top_k: int = 0  # solve the PBRF directly for this many top flags and report the agreement
+    pbrf_epsilon: float | None = None  # None: removal, -1/N
     max_exact_parameters: int = 12_000
     device: str | None = None  # None: CUDA when available, else CPU
 
@@ -53,12 +55,6 @@ def pick_device(requested: str | None) -> torch.device:
     if requested:
         return torch.device(requested)
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def batches(inputs: torch.Tensor, targets: torch.Tensor, batch_size: int, device) -> Iterator[tuple]:
-    for start in range(0, inputs.shape[0], batch_size):
-        yield (inputs[start : start + batch_size].to(device, non_blocking=True),
-               targets[start : start + batch_size].to(device, non_blocking=True))
 
 
 def check_compatible(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, loss_name: str) -> int:
@@ -97,11 +93,13 @@ def run_audit(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, con
 
     options = EstimatorOptions(damping=config.damping, weight_decay=config.weight_decay,
                                fisher_samples=config.fisher_samples, seed=config.seed,
-                               max_exact_parameters=config.max_exact_parameters)
+                               max_exact_parameters=config.max_exact_parameters, lanczos_rank=config.lanczos_rank)
     estimator: Estimator = make_estimator(config.method, model, loss, options, device)
-    passes = 2 + len(estimator.stages)  # prediction pass + stages + scoring pass
-    num_batches = math.ceil(n / config.batch_size)
+    passes = 2 + estimator.num_passes + (1 if config.verify_top_k else 0)
+    data = BatchSource(inputs, targets, config.batch_size, device)
+    num_batches = data.num_batches
     timings: dict[str, float] = {}
+    done_passes = 0
 
     def step(pass_index: int, stage: str, batch_index: int) -> None:
         report(stage, min(1.0, (pass_index + (batch_index + 1) / num_batches) / passes))
@@ -110,7 +108,7 @@ def run_audit(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, con
     t0 = time.perf_counter()
     losses, predicted, given_prob = [], [], []
     with torch.no_grad():
-        for b, (x, y) in enumerate(batches(inputs, targets, config.batch_size, device)):
+        for b, (x, y) in enumerate(data()):
             out = model(x)
             losses.append(loss.loss(out, y).double().cpu())
             if config.loss == "cross_entropy":
@@ -123,20 +121,24 @@ def run_audit(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, con
     predicted_t = torch.cat(predicted) if predicted else torch.zeros(n, dtype=torch.long)
     given_prob_t = torch.cat(given_prob) if given_prob else torch.full((n,), float("nan"), dtype=torch.float64)
 
-    # 2. curvature stages: each a streaming sum over the data
-    for s, stage in enumerate(estimator.stages):
-        t0 = time.perf_counter()
-        total = None
-        for b, (x, y) in enumerate(batches(inputs, targets, config.batch_size, device)):
-            total = add_partials(total, estimator.accumulate(stage, x, y, None))
-            step(1 + s, stage, b)
-        estimator.finish(stage, total, n)
-        timings[stage] = time.perf_counter() - t0
+    # 2. curvature: each pass a streaming sum over the data (shardable)
+    t0 = time.perf_counter()
+    stage_started = {}
+
+    def fit_report(stage: str, fraction: float) -> None:
+        nonlocal done_passes
+        stage_started.setdefault(stage, time.perf_counter())
+        report(stage, min(1.0, (1 + done_passes + fraction) / passes))
+        if fraction >= 1.0:
+            done_passes += 1
+
+    estimator.fit(data, fit_report)
+    timings["curvature"] = time.perf_counter() - t0
 
     # 3. scores
     t0 = time.perf_counter()
     parts = []
-    for b, (x, y) in enumerate(batches(inputs, targets, config.batch_size, device)):
+    for b, (x, y) in enumerate(data()):
         parts.append(estimator.self_influence(x, y).double().cpu())
         step(passes - 1, "scores", b)
     timings["scores"] = time.perf_counter() - t0
@@ -161,9 +163,54 @@ def run_audit(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, con
         "estimator": estimator.describe(),
         "seconds": {k: round(v, 4) for k, v in timings.items()} | {"total": round(time.perf_counter() - started, 4)},
     }
+    if config.verify_top_k:
+        t0 = time.perf_counter()
+        summary["verification"] = verify_against_pbrf(
+            model, loss, inputs, targets, order[: config.verify_top_k].tolist(), raw, estimator.damping or 0.0,
+            config, lambda f: report("pbrf", min(1.0, (passes - 1 + f) / passes)))
+        summary["seconds"]["pbrf"] = round(time.perf_counter() - t0, 4)
     if config.loss == "cross_entropy":
         summary["training_accuracy"] = float((predicted_t == targets.cpu().long()).double().mean())
         summary["num_disagreeing_with_model"] = int((predicted_t != targets.cpu().long()).sum())
     return AuditResult(scores=scores, self_influence=raw if estimator.uses_curvature else None,
                        losses=losses_t, predicted=predicted_t, given_probability=given_prob_t,
                        flagged=order[:num_flags], damping=estimator.damping, summary=summary)
+
+
+def verify_against_pbrf(model, loss, inputs, targets, indices: list[int], estimates: torch.Tensor, damping: float,
+                        config: AuditConfig, report: Callable[[float], None]) -> dict:
+    """Solve the PBRF objective for each index and compare with the estimate (Pearson, Spearman)."""
+    from .pbrf import solve_pbrf
+
+    if damping <= 0:
+        damping = 1e-3  # identity has no damping of its own; the PBRF needs a proximity term
+    n = inputs.shape[0]
+    epsilon = config.pbrf_epsilon if config.pbrf_epsilon is not None else -1.0 / n
+    items = []
+    cpu_model = model.to("cpu")
+    for j, index in enumerate(indices):
+        solution = solve_pbrf(cpu_model, loss, inputs.cpu(), targets.cpu(), index, epsilon, damping,
+                              weight_decay=config.weight_decay)
+        items.append({"index": index, "estimate": float(estimates[index]), "pbrf": solution.self_influence,
+                      "pbrf_gradient_norm": solution.gradient_norm})
+        report((j + 1) / len(indices))
+    est = torch.tensor([i["estimate"] for i in items], dtype=torch.float64)
+    ref = torch.tensor([i["pbrf"] for i in items], dtype=torch.float64)
+    return {"num_examples": len(items), "epsilon": epsilon, "damping": damping,
+            "pearson": _pearson(est, ref), "spearman": _pearson(_ranks(est), _ranks(ref)), "items": items,
+            "note": "pbrf = -(L(z, theta_eps) - L(z, theta_s)) / eps from a direct L-BFGS solve of the PBRF objective"}
+
+
+def _ranks(values: torch.Tensor) -> torch.Tensor:
+    order = torch.argsort(values, stable=True)
+    ranks = torch.empty_like(values)
+    ranks[order] = torch.arange(values.numel(), dtype=values.dtype)
+    return ranks
+
+
+def _pearson(a: torch.Tensor, b: torch.Tensor) -> float | None:
+    if a.numel() < 2:
+        return None
+    a, b = a - a.mean(), b - b.mean()
+    denom = float(a.norm() * b.norm())
+    return float((a * b).sum()) / denom if denom > 0 else None

@@ -9,6 +9,8 @@ and reduced by summation. After all stages, `self_influence` scores batches.
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -19,6 +21,20 @@ from .functional import ParamDict, num_parameters, trainable_parameters
 Partial = dict[str, torch.Tensor]
 
 
+class BatchSource:
+    """Re-iterable batches of (inputs, targets) on the compute device: `for x, y in source(): ...`."""
+
+    def __init__(self, inputs: torch.Tensor, targets: torch.Tensor, batch_size: int, device: torch.device):
+        self.inputs, self.targets, self.batch_size, self.device = inputs, targets, batch_size, device
+        self.num_examples = int(inputs.shape[0])
+        self.num_batches = max(1, math.ceil(self.num_examples / batch_size))
+
+    def __call__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for start in range(0, self.num_examples, self.batch_size):
+            yield (self.inputs[start : start + self.batch_size].to(self.device, non_blocking=True),
+                   self.targets[start : start + self.batch_size].to(self.device, non_blocking=True))
+
+
 class EngineError(ValueError):
     """A problem with the request or model that the user can fix (shown to them verbatim)."""
 
@@ -27,7 +43,7 @@ class EngineError(ValueError):
 class EstimatorOptions:
     damping: float | None = None  # None: 0.1 x mean eigenvalue of the curvature (per layer where blockwise)
     weight_decay: float = 0.0  # training L2 strength, added to the curvature as (G + wd I)
-    fisher_samples: int = 1  # sampled labels per example for Fisher statistics
+    fisher_samples: int = 1  # sampled labels per example for Fisher statistics; 0 = exact expectation
     seed: int = 0
     max_exact_parameters: int = 12_000
     lanczos_rank: int = 64
@@ -49,6 +65,20 @@ class Estimator:
         self.num_parameters = num_parameters(self.params)
         self.damping: float | None = options.damping
         self.generator = torch.Generator().manual_seed(options.seed)
+
+    def fit(self, data: "BatchSource", report: Callable[[str, float], None]) -> None:
+        """Run every stage as one streaming pass over the data (a sum of per-batch partials)."""
+        for stage in self.stages:
+            total = None
+            for b, (x, y) in enumerate(data()):
+                total = add_partials(total, self.accumulate(stage, x, y, None))
+                report(stage, (b + 1) / data.num_batches)
+            self.finish(stage, total, data.num_examples)
+
+    @property
+    def num_passes(self) -> int:
+        """How many passes over the data `fit` makes (for progress reporting)."""
+        return len(self.stages)
 
     def accumulate(self, stage: str, inputs: torch.Tensor, targets: torch.Tensor, partial: Partial | None) -> Partial:
         raise NotImplementedError

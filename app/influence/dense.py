@@ -15,6 +15,10 @@ class IdentityEstimator(Estimator):
     stages = ()
     uses_curvature = False
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.damping = None
+
     def self_influence(self, inputs, targets):
         grads = per_example_loss_grads(self.model, self.params, self.loss, inputs, targets)
         return grads.double().pow(2).sum(-1)

@@ -4,10 +4,17 @@ from __future__ import annotations
 
 from .base import EngineError, Estimator, EstimatorOptions
 from .dense import ExactEstimator, IdentityEstimator
+from .kronecker import DiagonalEstimator, EKFACEstimator, KFACEstimator
+from .krylov import CGEstimator, LanczosEstimator
 
 ESTIMATORS: dict[str, type[Estimator]] = {
     "exact": ExactEstimator,
     "identity": IdentityEstimator,
+    "diagonal": DiagonalEstimator,
+    "kfac": KFACEstimator,
+    "ekfac": EKFACEstimator,
+    "lanczos": LanczosEstimator,
+    "cg": CGEstimator,
 }
 
 
