@@ -132,9 +132,20 @@ def _scores_file(result, labels: np.ndarray) -> bytes:
     }
     if result.self_influence is not None:
         arrays["self_influence"] = result.self_influence.numpy().astype(np.float64)
+    for name, values in result.extras.items():
+        arrays[name] = values.numpy()
     buffer = io.BytesIO()
     np.savez(buffer, **arrays)
     return buffer.getvalue()
+
+
+def _extras_of(result, i: int) -> dict:
+    extras = result.extras
+    if not extras:
+        return {"suggested_label": None, "suggested_label_probability": None, "out_of_sample_given_probability": None}
+    return {"suggested_label": int(extras["suggested_label"][i]),
+            "suggested_label_probability": float(extras["suggested_label_probability"][i]),
+            "out_of_sample_given_probability": float(extras["out_of_sample_given_probability"][i])}
 
 
 def run_audit_job(audit_id: uuid.UUID, settings: Settings, factory: sessionmaker, worker_name: str | None = None) -> str:
@@ -160,7 +171,7 @@ def run_audit_job(audit_id: uuid.UUID, settings: Settings, factory: sessionmaker
             config = AuditConfig(method=method, damping=damping, weight_decay=params.get("weight_decay", 0.0),
                                  batch_size=params.get("batch_size", 256), seed=params.get("seed", 0),
                                  fisher_samples=params.get("fisher_samples", 1),
-                                 flag_fraction=params.get("flag_fraction", 0.1),
+                                 flag_fraction=params.get("flag_fraction"), curvature=params.get("curvature", "auto"),
                                  lanczos_rank=params.get("lanczos_rank", 64),
                                  verify_top_k=params.get("verify_top_k", 0),
                                  max_exact_parameters=settings.max_exact_parameters)
@@ -171,7 +182,8 @@ def run_audit_job(audit_id: uuid.UUID, settings: Settings, factory: sessionmaker
         flagged = result.flagged.tolist()
         rows = [{"audit_id": audit_id, "rank": rank, "example_index": int(i), "given_label": int(dataset.labels[i]),
                  "predicted_label": int(result.predicted[i]), "score": float(result.scores[i]),
-                 "loss": float(result.losses[i]), "given_label_probability": float(result.given_probability[i])}
+                 "loss": float(result.losses[i]), "given_label_probability": float(result.given_probability[i]),
+                 **_extras_of(result, i)}
                 for rank, i in enumerate(flagged, start=1)]
         with factory() as session:
             # One transaction: stale rows from a crashed attempt are replaced, and the status flips

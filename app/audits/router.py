@@ -77,7 +77,9 @@ def list_flags(audit_id: uuid.UUID, session: SessionDep, tenant: TenantDep,
     more = len(rows) > limit
     rows = rows[:limit]
     items = [FlagOut(rank=r.rank, index=r.example_index, given_label=r.given_label, predicted_label=r.predicted_label,
-                     score=r.score, loss=r.loss, given_label_probability=r.given_label_probability) for r in rows]
+                     score=r.score, loss=r.loss, given_label_probability=r.given_label_probability,
+                     suggested_label=r.suggested_label, suggested_label_probability=r.suggested_label_probability,
+                     out_of_sample_given_probability=r.out_of_sample_given_probability) for r in rows]
     return FlagPage(items=items, next_cursor=encode_cursor("rank", rows[-1].rank) if more else None)
 
 
@@ -96,14 +98,14 @@ def list_scores(audit_id: uuid.UUID, session: SessionDep, store: StoreDep, tenan
     service.require_finished(audit)
     data = service.load_scores(store, audit)
     n = int(data["score"].shape[0])
-    has_raw = "self_influence" in data
-    columns = ["index", "score", "given_label", "predicted_label", "loss", "given_label_probability"] + (
-        ["self_influence"] if has_raw else [])
+    optional = [k for k in ("self_influence", "suggested_label", "suggested_label_probability",
+                            "out_of_sample_given_probability") if k in data]
+    columns = ["index", "score", "given_label", "predicted_label", "loss", "given_label_probability", *optional]
 
     def row(i: int) -> list:
         values = [i, float(data["score"][i]), int(data["given_label"][i]), int(data["predicted_label"][i]),
                   float(data["loss"][i]), float(data["given_label_probability"][i])]
-        return values + ([float(data["self_influence"][i])] if has_raw else [])
+        return values + [int(data[k][i]) if k == "suggested_label" else float(data[k][i]) for k in optional]
 
     if accept and "text/csv" in accept:
         def rows():

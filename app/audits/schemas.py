@@ -27,7 +27,12 @@ class AuditCreate(BaseModel):
     lanczos_rank: int = Field(64, ge=1, le=2048, description="Eigenpairs kept by the lanczos method")
     verify_top_k: int = Field(0, ge=0, le=200, description=(
         "Solve the PBRF objective directly for this many top flags and report estimate-vs-PBRF agreement"))
-    flag_fraction: float = Field(0.1, gt=0, le=1, description="Fraction of examples flagged, most suspicious first")
+    flag_fraction: float | None = Field(None, gt=0, le=1, description=(
+        "Fraction of examples flagged, most suspicious first; null = the method's rule "
+        "(loo: confident learning's estimated number of label issues; others: 10%)"))
+    curvature: Literal["auto", "exact", "ekfac", "kfac", "diagonal", "lanczos"] = Field("auto", description=(
+        "Curvature back end of the loo method; auto = exact when the model has at most PBRF_MAX_EXACT_PARAMETERS "
+        "parameters, else ekfac"))
     name: str | None = Field(None, max_length=255)
 
 
@@ -69,6 +74,9 @@ class FlagOut(BaseModel):
     score: float = Field(description="Higher = more suspicious")
     loss: float
     given_label_probability: float
+    suggested_label: int | None = Field(None, description="loo: the most likely label had the model not seen it")
+    suggested_label_probability: float | None = None
+    out_of_sample_given_probability: float | None = Field(None, description="loo: p(given label) without the example")
 
 
 class FlagPage(BaseModel):
@@ -84,6 +92,9 @@ class ScoreOut(BaseModel):
     loss: float
     given_label_probability: float
     self_influence: float | None = Field(None, description="Raw g^T (G + damping I)^-1 g where the method has one")
+    suggested_label: int | None = None
+    suggested_label_probability: float | None = None
+    out_of_sample_given_probability: float | None = None
 
 
 class ScorePage(BaseModel):

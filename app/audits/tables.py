@@ -50,3 +50,7 @@ class AuditFlag(Base):
     score: Mapped[float] = mapped_column(Float)
     loss: Mapped[float] = mapped_column(Float)
     given_label_probability: Mapped[float] = mapped_column(Float)
+    # method `loo` only: the approximate out-of-sample view of the example
+    suggested_label: Mapped[int | None] = mapped_column(Integer)
+    suggested_label_probability: Mapped[float | None] = mapped_column(Float)
+    out_of_sample_given_probability: Mapped[float | None] = mapped_column(Float)

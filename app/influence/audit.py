@@ -32,7 +32,8 @@ class AuditConfig:
     lanczos_rank: int = 64
     seed: int = 0
     loss: str = "cross_entropy"
-    flag_fraction: float = 0.1
+    flag_fraction: float | None = None  # None: the method's rule (loo: confident learning; others: 10%)
+    curvature: str = "auto"  # back end of `loo`: auto = exact when the model fits its limit, else ekfac
     verify_top_k: int = 0  # solve the PBRF directly for this many top flags and report the agreement
     pbrf_epsilon: float | None = None  # None: removal, -1/N
     max_exact_parameters: int = 12_000
@@ -49,6 +50,8 @@ class AuditResult:
     flagged: torch.Tensor  # indices, most suspicious first
     damping: float | None
     summary: dict = field(default_factory=dict)
+    # per-example extras of some methods (loo: out-of-sample probability of the given label, suggestion)
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 def pick_device(requested: str | None) -> torch.device:
@@ -94,7 +97,16 @@ def run_audit(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, con
     options = EstimatorOptions(damping=config.damping, weight_decay=config.weight_decay,
                                fisher_samples=config.fisher_samples, seed=config.seed,
                                max_exact_parameters=config.max_exact_parameters, lanczos_rank=config.lanczos_rank)
-    estimator: Estimator = make_estimator(config.method, model, loss, options, device)
+    loo = config.method == "loo"
+    if loo and config.loss != "cross_entropy":
+        raise EngineError("method 'loo' needs a classification model (softmax cross-entropy)")
+    name = config.method
+    if loo:
+        name = config.curvature
+        if name == "auto":
+            size = sum(p.numel() for p in model.parameters())
+            name = "exact" if size <= config.max_exact_parameters else "ekfac"
+    estimator: Estimator = make_estimator(name, model, loss, options, device)
     passes = 2 + estimator.num_passes + (1 if config.verify_top_k else 0)
     data = BatchSource(inputs, targets, config.batch_size, device)
     num_batches = data.num_batches
@@ -137,32 +149,52 @@ def run_audit(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, con
 
     # 3. scores
     t0 = time.perf_counter()
-    parts = []
-    for b, (x, y) in enumerate(data()):
-        parts.append(estimator.self_influence(x, y).double().cpu())
-        step(passes - 1, "scores", b)
+    extras: dict[str, torch.Tensor] = {}
+    loo_summary: dict = {}
+    if loo:
+        raw, scores, extras, loo_summary = _out_of_sample_pass(estimator, loss, data, targets, n,
+                                                               lambda b: step(passes - 1, "scores", b))
+    else:
+        parts = []
+        for b, (x, y) in enumerate(data()):
+            parts.append(estimator.self_influence(x, y).double().cpu())
+            step(passes - 1, "scores", b)
+        raw = torch.cat(parts)
+        scores = raw
     timings["scores"] = time.perf_counter() - t0
-    raw = torch.cat(parts)
-    if not torch.isfinite(raw).all():
+    if not torch.isfinite(scores).all():
         raise EngineError("non-finite influence scores: the model's outputs or gradients overflow on this data")
 
-    scores = raw
     order = torch.argsort(scores, descending=True, stable=True)
-    num_flags = max(1, min(n, round(config.flag_fraction * n)))
+    if config.flag_fraction is not None:
+        num_flags = round(config.flag_fraction * n)
+        flag_rule = f"top {config.flag_fraction:.1%} of examples by score"
+    elif loo and "num_label_issues" in loo_summary:
+        num_flags = loo_summary["num_label_issues"]
+        flag_rule = ("confident learning on the out-of-sample probabilities: the calibrated confident joint's "
+                     "off-diagonal count, most suspicious first")
+    else:
+        num_flags = round(0.1 * n)
+        flag_rule = "top 10% of examples by score"
+    num_flags = max(1, min(n, num_flags))
     summary = {
         "num_examples": n,
-        "method": estimator.name,
+        "method": "loo" if loo else estimator.name,
         "damping": estimator.damping,
-        "score": "self_influence g^T (G + damping I)^-1 g, G the mean GGN, no 1/N factor"
-        if estimator.uses_curvature else "squared gradient norm",
+        "score": ("1 - out-of-sample probability of the given label (one Gauss-Newton step on the PBRF removal "
+                  "objective)") if loo else ("self_influence g^T (G + damping I)^-1 g, G the mean GGN, no 1/N factor"
+                                             if estimator.uses_curvature else "squared gradient norm"),
         "device": str(device),
         "batch_size": config.batch_size,
         "seed": config.seed,
         "num_flagged": num_flags,
-        "flag_rule": f"top {config.flag_fraction:.0%} of examples by score",
+        "flag_rule": flag_rule,
         "estimator": estimator.describe(),
         "seconds": {k: round(v, 4) for k, v in timings.items()} | {"total": round(time.perf_counter() - started, 4)},
     }
+    if loo:
+        summary["out_of_sample"] = loo_summary
+        summary["curvature"] = estimator.name
     if config.verify_top_k:
         t0 = time.perf_counter()
         summary["verification"] = verify_against_pbrf(
@@ -174,7 +206,7 @@ def run_audit(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, con
         summary["num_disagreeing_with_model"] = int((predicted_t != targets.cpu().long()).sum())
     return AuditResult(scores=scores, self_influence=raw if estimator.uses_curvature else None,
                        losses=losses_t, predicted=predicted_t, given_probability=given_prob_t,
-                       flagged=order[:num_flags], damping=estimator.damping, summary=summary)
+                       flagged=order[:num_flags], damping=estimator.damping, summary=summary, extras=extras)
 
 
 def verify_against_pbrf(model, loss, inputs, targets, indices: list[int], estimates: torch.Tensor, damping: float,
@@ -214,3 +246,41 @@ def _pearson(a: torch.Tensor, b: torch.Tensor) -> float | None:
     a, b = a - a.mean(), b - b.mean()
     denom = float(a.norm() * b.norm())
     return float((a * b).sum()) / denom if denom > 0 else None
+
+
+def _out_of_sample_pass(estimator, loss, data, targets, n, step):
+    """Scoring pass of `loo`: approximate out-of-sample probabilities, suggestions, confident learning."""
+    from .loo import confident_learning, out_of_sample_logits
+
+    given_p, suggested, suggested_p, first_order, prob_rows = [], [], [], [], []
+    clipped, all_classes = 0, True
+    for b, (x, y) in enumerate(data()):
+        f_loo, classes, self_inf, c = out_of_sample_logits(estimator, loss, x, y, n)
+        clipped += c
+        p = torch.softmax(f_loo, -1)
+        local = (classes == y.long().unsqueeze(1)).double().argmax(1)
+        given_p.append(p.gather(1, local.unsqueeze(1)).squeeze(1).cpu())
+        best = p.argmax(1)
+        suggested.append(classes.gather(1, best.unsqueeze(1)).squeeze(1).cpu())
+        suggested_p.append(p.max(1).values.cpu())
+        first_order.append(self_inf.cpu())
+        all_classes = all_classes and classes.shape[1] == f_loo.shape[1] and bool(
+            (classes == torch.arange(classes.shape[1], device=classes.device)).all())
+        if all_classes:
+            prob_rows.append(p.float().cpu())
+        step(b)
+    given_p_t = torch.cat(given_p)
+    extras = {"out_of_sample_given_probability": given_p_t, "suggested_label": torch.cat(suggested),
+              "suggested_label_probability": torch.cat(suggested_p)}
+    summary = {"examples_with_clipped_eigenvalues": clipped,
+               "reliability": "exact curvature: eigenvalues of K stay below 1 by construction" if estimator.name == "exact"
+               else ("approximate curvature: examples whose (I - H M) needed eigenvalue clipping have unreliable "
+                     "out-of-sample probabilities; prefer curvature 'exact' where the model is small enough"),
+               "classes": "all" if all_classes else "given label + the top 20 classes by probability (more than 100 classes)"}
+    if all_classes:
+        probs = torch.cat(prob_rows)
+        num_issues, thresholds, joint = confident_learning(probs, targets.cpu(), probs.shape[1])
+        summary.update(num_label_issues=num_issues, class_thresholds=[round(float(t), 6) for t in thresholds],
+                       out_of_sample_accuracy_vs_given=float((probs.argmax(1) == targets.cpu().long()).double().mean()))
+    raw = torch.cat(first_order)
+    return raw, 1.0 - given_p_t, extras, summary

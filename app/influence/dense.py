@@ -75,6 +75,15 @@ class ExactEstimator(Estimator):
         """(G + lambda I)^-1 v for each row of `vectors` (B, P)."""
         return torch.cholesky_solve(vectors.double().T, self.cholesky).T
 
+    def leverage(self, inputs: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
+        """J_K (G + lambda I)^-1 J_K^T for the selected logits of each example: (B, K, K)."""
+        jac = per_example_jacobians(self.model, self.params, inputs).double()  # (B, C, P)
+        jac = torch.gather(jac, 1, classes.unsqueeze(-1).expand(-1, -1, jac.shape[-1]))
+        B, K, P = jac.shape
+        z = torch.linalg.solve_triangular(self.cholesky, jac.reshape(B * K, P).T, upper=False)  # (P, B K)
+        z = z.T.reshape(B, K, P)
+        return z @ z.transpose(1, 2)
+
     def self_influence(self, inputs, targets):
         grads = per_example_loss_grads(self.model, self.params, self.loss, inputs, targets).double()
         z = torch.linalg.solve_triangular(self.cholesky, grads.T, upper=False)

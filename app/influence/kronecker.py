@@ -293,6 +293,47 @@ class KroneckerEstimator(Estimator):
             scores += (g.pow(2) / (fb["L"] + self.layer_damping["__fallback__"])).sum(1)
         return scores
 
+    def leverage(self, inputs: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
+        """J_c (G + lambda I)^-1 J_c'^T for the logits `classes` (B, K) of each example: (B, K, K).
+
+        One backward per selected logit (one-hot output gradients); for a one-position layer the logit
+        gradients are s_c a^T, so the entry is sum_o s~_c,o s~_c',o (R v)_o with v = (Q_A^T a)^2."""
+        B, K = classes.shape
+
+        def one_hot_sets(outputs):
+            return [(torch.zeros_like(outputs).scatter_(1, classes[:, k : k + 1], 1.0), None) for k in range(K)]
+
+        out = torch.zeros(B, K, K, dtype=torch.float64, device=inputs.device)
+        per_logit: list[dict] = []
+        logit_vectors = []
+        for pairs, vectors, _ in self._layer_grads(inputs, one_hot_sets):
+            per_logit.append({layer.name: (a, s) for layer, a, s in pairs})
+            logit_vectors.append(vectors)
+        for layer in self.layers:
+            if layer.name not in per_logit[0]:
+                continue
+            R = self.state[layer.name]["R"]
+            a = per_logit[0][layer.name][0].float()
+            s_all = torch.stack([entry[layer.name][1].float() for entry in per_logit], dim=1)  # (B, K, T, d_out)
+            if self.rotate:
+                a = a @ self.state[layer.name]["QA"]
+                s_all = s_all @ self.state[layer.name]["QS"]
+            if a.shape[1] == 1:
+                w = a[:, 0].pow(2) @ R.T  # (B, d_out): sum_k R[o, k] v_k
+                s1 = s_all[:, :, 0]  # (B, K, d_out)
+                out += torch.einsum("bco,bdo,bo->bcd", s1, s1, w).double()
+            else:
+                step = max(1, CHUNK_ELEMENTS // (K * layer.d_out * layer.d_in))
+                for start in range(0, B, step):
+                    g = torch.einsum("bkto,bti->bkoi", s_all[start : start + step], a[start : start + step])
+                    out[start : start + step] += torch.einsum("bcoi,bdoi,oi->bcd", g, g, R).double()
+        if self.fallback_names:
+            fb = self.state["__fallback__"]
+            inv = 1.0 / (fb["L"] + self.layer_damping["__fallback__"])
+            grads = torch.stack([self._fallback_grads(inputs, v).double() for v in logit_vectors], dim=1)  # (B, K, P)
+            out += torch.einsum("bcp,bdp,p->bcd", grads, grads, inv)
+        return out
+
     def describe(self):
         layers = [{"layer": l.name, "type": type(l.module).__name__, "treatment": self.name,
                    "shape": [l.d_out, l.d_in], "damping": self.layer_damping.get(l.name)} for l in self.layers]

@@ -144,6 +144,22 @@ class LanczosEstimator(_MatrixFree):
             parts.append(inside + rest)
         return torch.cat(parts)
 
+    def leverage(self, inputs: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
+        from .functional import per_example_jacobians
+
+        lam = self.damping
+        out = []
+        step = max(1, GRAD_CHUNK_ELEMENTS // max(1, self.num_parameters * classes.shape[1]))
+        for start in range(0, inputs.shape[0], step):
+            jac = per_example_jacobians(self.model, self.params, inputs[start : start + step]).double()
+            idx = classes[start : start + step]
+            jac = torch.gather(jac, 1, idx.unsqueeze(-1).expand(-1, -1, jac.shape[-1]))
+            proj = jac @ self.eigenvectors.T  # (b, K, k)
+            inside = torch.einsum("bck,bdk,k->bcd", proj, proj, 1.0 / (self.eigenvalues.to(jac.device) + lam))
+            rest = (jac @ jac.transpose(1, 2) - proj @ proj.transpose(1, 2)) / lam
+            out.append(inside + rest)
+        return torch.cat(out)
+
     def describe(self):
         top = self.eigenvalues.flip(0)[:5].tolist() if self.eigenvalues is not None else []
         return {"estimator": self.name, "num_parameters": self.num_parameters, "damping": self.damping,

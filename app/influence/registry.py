@@ -19,10 +19,12 @@ ESTIMATORS: dict[str, type[Estimator]] = {
 
 
 def available_methods() -> list[str]:
-    return sorted(ESTIMATORS)
+    return sorted([*ESTIMATORS, "loo"])
 
 
 def make_estimator(method: str, model, loss, options: EstimatorOptions, device) -> Estimator:
+    if method == "loo":
+        raise EngineError("'loo' is an audit method on top of a curvature back end; pass curvature=...")
     try:
         cls = ESTIMATORS[method]
     except KeyError:
