@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import logging
+import os
 import socket
 import threading
 import time
@@ -39,11 +40,15 @@ class JobLost(Exception):
     """The job was cancelled, or another attempt owns it now: stop without writing anything."""
 
 
-def claim(session: Session, audit_id: uuid.UUID, worker_name: str) -> str | None:
+def claim(session: Session, audit_id: uuid.UUID, worker_name: str, stale_after: float) -> str | None:
+    """Compare-and-set: take a queued job, or a running one whose worker stopped heartbeating
+    (a redelivered message after a crash)."""
     token = uuid.uuid4().hex
     now = utcnow()
+    stale = now - timedelta(seconds=stale_after)
+    claimable = or_(Audit.status == "queued", and_(Audit.status == "running", Audit.heartbeat_at < stale))
     result = session.execute(
-        update(Audit).where(Audit.id == audit_id, Audit.status == "queued")
+        update(Audit).where(Audit.id == audit_id, claimable, Audit.attempts < MAX_ATTEMPTS)
         .values(status="running", claim_token=token, attempts=Audit.attempts + 1, worker=worker_name,
                 heartbeat_at=now, stage="loading", progress=0.0, error=None)
     )
@@ -150,9 +155,9 @@ def _extras_of(result, i: int) -> dict:
 
 def run_audit_job(audit_id: uuid.UUID, settings: Settings, factory: sessionmaker, worker_name: str | None = None) -> str:
     """Run one audit if it can be claimed. Returns the final status seen by this attempt."""
-    worker_name = worker_name or f"{socket.gethostname()}:{threading.get_native_id()}"
+    worker_name = worker_name or f"{socket.gethostname()}:{os.getpid()}"
     with factory() as session:
-        token = claim(session, audit_id, worker_name)
+        token = claim(session, audit_id, worker_name, settings.stale_after_seconds)
         if token is None:
             log.info("audit %s not claimable (already taken, finished or cancelled)", audit_id)
             return "skipped"

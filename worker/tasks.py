@@ -6,10 +6,10 @@ import logging
 import threading
 import uuid
 
-from celery.signals import worker_ready, worker_shutting_down
+from celery.signals import worker_process_init, worker_ready, worker_shutting_down
 
 from app.core.config import get_settings
-from app.core.db import get_sessionmaker
+from app.core.db import get_engine, get_sessionmaker
 
 from .celery_app import RUN_AUDIT, celery_app
 from .jobs import reap, run_audit_job
@@ -38,6 +38,13 @@ def _reaper_loop() -> None:
             log.exception("reaper pass failed")
         if _reaper_stop.wait(settings.reaper_interval_seconds):
             return
+
+
+@worker_process_init.connect
+def _fresh_connections_after_fork(**_kwargs) -> None:
+    # A forked pool process must not reuse the parent's pooled connections (the reaper thread holds
+    # some): drop them without closing the parent's sockets.
+    get_engine().dispose(close=False)
 
 
 @worker_ready.connect

@@ -51,6 +51,7 @@ class AuditOut(BaseModel):
     dataset_id: uuid.UUID
     params: dict
     attempts: int
+    worker: str | None = Field(None, description="host:pid of the worker process on the latest attempt")
     created_at: datetime
     started_at: datetime | None
     finished_at: datetime | None

@@ -1,0 +1,101 @@
+"""Crash and cancellation behaviour with real worker processes on both brokers: SIGKILL of the
+process running an audit, cooperative cancellation, and that results are written exactly once."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from tests.conftest import Service, _service_env
+from tests.helpers import (assert_problem, export_onnx, npz_bytes, quick_mlp, synthetic_classification,
+                           upload_dataset, upload_model, wait_for_audit)
+
+
+@pytest.fixture(scope="module", params=["embedded", "postgres_redis"])
+def fast_reaper_service(request, tmp_path_factory):
+    pg = request.getfixturevalue("postgres_url") if request.param == "postgres_redis" else None
+    env = _service_env(request.param, pg) | {"PBRF_STALE_AFTER_SECONDS": "4", "PBRF_REAPER_INTERVAL_SECONDS": "1",
+                                             "PBRF_HEARTBEAT_SECONDS": "0.5"}
+    svc = Service(env, tmp_path_factory.mktemp(f"reaper-{request.param}"))
+    svc.start()
+    yield svc
+    svc.stop()
+
+
+@pytest.fixture(scope="module")
+def slow_job(fast_reaper_service, tmp_path_factory):
+    """A model and dataset whose exact audit with batch size 2 takes several seconds."""
+    inputs, labels = synthetic_classification(n=2400, features=4, classes=3, seed=5)
+    model = quick_mlp(inputs, labels, hidden=5)
+    path = export_onnx(model, torch.from_numpy(inputs[:2]), tmp_path_factory.mktemp("slow") / "m.onnx")
+    with fast_reaper_service.client() as client:
+        m = upload_model(client, path).json()
+        d = upload_dataset(client, npz_bytes(inputs=inputs, labels=labels)).json()
+    return {"model_id": m["id"], "dataset_id": d["id"], "method": "exact", "batch_size": 2}
+
+
+def _wait_running(client, audit_id, min_progress=0.1, timeout=60):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        body = client.get(f"/v1/audits/{audit_id}").json()
+        if body["status"] == "running" and body["progress"] >= min_progress:
+            return body
+        assert body["status"] in ("queued", "running"), body
+        time.sleep(0.05)
+    raise AssertionError("the audit never got going")
+
+
+def test_sigkill_mid_audit_is_recovered_and_written_once(fast_reaper_service, slow_job):
+    with fast_reaper_service.client() as client:
+        audit = client.post("/v1/audits", json=slow_job).json()
+        running = _wait_running(client, audit["id"])
+        pid = int(running["worker"].rsplit(":", 1)[1])
+        os.kill(pid, signal.SIGKILL)  # the pool process running the audit, as the OOM killer would
+        final, seen = wait_for_audit(client, audit["id"], timeout=180)
+        assert final["status"] == "succeeded", (final, fast_reaper_service.logs()[-3000:])
+        assert final["attempts"] == 2
+        flags, cursor = [], None
+        while True:
+            body = client.get(f"/v1/audits/{audit['id']}/flags",
+                              params={"limit": 1000} | ({"cursor": cursor} if cursor else {})).json()
+            flags += body["items"]
+            cursor = body["next_cursor"]
+            if not cursor:
+                break
+        assert [f["rank"] for f in flags] == list(range(1, 241))
+        assert len({f["index"] for f in flags}) == 240
+        scores = client.get(f"/v1/audits/{audit['id']}/scores", params={"limit": 10000}).json()["items"]
+        assert len(scores) == 2400
+
+
+def test_cancel_stops_a_running_audit(fast_reaper_service, slow_job):
+    with fast_reaper_service.client() as client:
+        audit = client.post("/v1/audits", json=slow_job).json()
+        _wait_running(client, audit["id"], min_progress=0.05)
+        r = client.post(f"/v1/audits/{audit['id']}/cancel")
+        assert r.status_code == 200 and r.json()["status"] == "cancelled"
+        assert_problem(client.post(f"/v1/audits/{audit['id']}/cancel"), 409, "audit-finished")
+        assert_problem(client.get(f"/v1/audits/{audit['id']}/flags"), 409, "audit-not-succeeded")
+        # the worker notices at a batch boundary and is free for the next job within seconds
+        quick = client.post("/v1/audits", json=slow_job | {"method": "identity", "batch_size": 512}).json()
+        started = time.monotonic()
+        final, _ = wait_for_audit(client, quick["id"], timeout=60)
+        assert final["status"] == "succeeded" and time.monotonic() - started < 30
+        body = client.get(f"/v1/audits/{audit['id']}").json()
+        assert body["status"] == "cancelled" and body["summary"] is None
+
+
+def test_cancel_a_queued_audit_never_runs(fast_reaper_service, slow_job):
+    with fast_reaper_service.client() as client:
+        first = client.post("/v1/audits", json=slow_job).json()
+        second = client.post("/v1/audits", json=slow_job).json()
+        assert client.post(f"/v1/audits/{second['id']}/cancel").json()["status"] == "cancelled"
+        client.post(f"/v1/audits/{first['id']}/cancel")
+        time.sleep(3)
+        body = client.get(f"/v1/audits/{second['id']}").json()
+        assert body["status"] == "cancelled" and body["attempts"] == 0 and body["started_at"] is None
