@@ -15,7 +15,8 @@ from pathlib import Path
 
 import typer
 
-app = typer.Typer(add_completion=False, help="pbrf-audit: influence-based label auditing service.")
+app = typer.Typer(add_completion=False, pretty_exceptions_enable=False,
+                  help="pbrf-audit: influence-based label auditing service.")
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -108,6 +109,51 @@ def serve(host: str | None = None, port: int | None = None, loglevel: str = "INF
     typer.echo("pbrf-audit stopped")
     if not stopping:
         raise typer.Exit(1)
+
+
+keys = typer.Typer(help="API keys: each belongs to a tenant; the secret is shown once.")
+app.add_typer(keys, name="keys")
+
+
+@keys.command("create")
+def keys_create(tenant: str = typer.Option(..., help="Tenant the key belongs to"),
+                name: str = typer.Option("default", help="A label for the key")) -> None:
+    """Create a key and print its secret (stored only as a hash)."""
+    from app.auth import service
+    from app.core.db import get_sessionmaker
+
+    with get_sessionmaker()() as session:
+        row, secret = service.create_key(session, tenant, name)
+        session.commit()
+        typer.echo(f"id: {row.id}\ntenant: {row.tenant_id}\nsecret: {secret}\n(store the secret now: it is not shown again)")
+
+
+@keys.command("list")
+def keys_list() -> None:
+    """List keys without their secrets."""
+    from app.auth import service
+    from app.core.db import get_sessionmaker
+
+    with get_sessionmaker()() as session:
+        for row in service.list_keys(session):
+            state = f"revoked {row.revoked_at:%Y-%m-%d %H:%M}" if row.revoked_at else "active"
+            typer.echo(f"{row.id}  tenant={row.tenant_id}  name={row.name}  {row.prefix}...  {state}")
+
+
+@keys.command("revoke")
+def keys_revoke(key_id: str) -> None:
+    """Revoke a key by id."""
+    import uuid
+
+    from app.auth import service
+    from app.core.db import get_sessionmaker
+
+    with get_sessionmaker()() as session:
+        if not service.revoke_key(session, uuid.UUID(key_id)):
+            typer.echo("no active key with that id", err=True)
+            raise typer.Exit(1)
+        session.commit()
+        typer.echo(f"revoked {key_id}")
 
 
 def main() -> None:

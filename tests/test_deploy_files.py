@@ -53,3 +53,5 @@ def test_compose_services_commands_and_settings():
     # api and worker share the artifact store
     assert services["api"]["volumes"][0].split(":")[0] == services["worker"]["volumes"][0].split(":")[0]
     assert "${POSTGRES_PASSWORD" in (ROOT / "docker-compose.yml").read_text()
+    # the stack never runs open: API keys come from the environment
+    assert services["api"]["environment"]["PBRF_API_KEYS"].startswith("${PBRF_API_KEYS:?")

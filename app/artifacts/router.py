@@ -5,7 +5,10 @@ from __future__ import annotations
 import uuid
 from typing import Annotated
 
-from fastapi import APIRouter, File, Form, Query, Response, UploadFile
+from fastapi import APIRouter, File, Form, Header, Query, Response, UploadFile
+from sqlalchemy.exc import IntegrityError
+
+from app.auth import idempotency
 
 from app.core.deps import SessionDep, SettingsDep, StoreDep, TenantDep
 from app.core.errors import PROBLEM_RESPONSES, not_found
@@ -14,6 +17,30 @@ from . import repository, service
 from .schemas import DatasetOut, ModelOut
 
 router = APIRouter(prefix="/v1", responses=PROBLEM_RESPONSES)
+IdempotencyKey = Annotated[str | None, Header(alias="Idempotency-Key", max_length=255, description=(
+    "Retry-safe creation: a repeated request with the same key returns the first result"))]
+
+
+def _create_idempotently(session, tenant, endpoint, key, request_hash, create, out_model, response):
+    """Run `create` once per Idempotency-Key (or always, without one); returns the response body."""
+    if key:
+        previous = idempotency.replay(session, tenant, endpoint, key, request_hash)
+        if previous is not None:
+            return previous
+    row = create()
+    body = out_model.model_validate(row).model_dump(mode="json")
+    if key:
+        idempotency.remember(session, tenant, endpoint, key, request_hash, 201, body)
+    try:
+        session.commit()
+    except IntegrityError:
+        session.rollback()
+        previous = idempotency.replay(session, tenant, endpoint, key, request_hash) if key else None
+        if previous is None:
+            raise
+        return previous
+    response.headers["Location"] = f"/v1/{endpoint.split('/')[-1]}/{row.id}"
+    return body
 
 
 @router.post("/models", status_code=201, response_model=ModelOut, tags=["models"],
@@ -25,12 +52,15 @@ def upload_model(
     architecture: Annotated[str | None, Form(max_length=10_000, description=(
         'JSON naming a built-in architecture for .safetensors, e.g. {"type": "mlp", "input_size": 64, '
         '"hidden_sizes": [32], "num_classes": 10}'))] = None,
+    idempotency_key: IdempotencyKey = None,
 ):
-    row = service.create_model(session=session, store=store, settings=settings, tenant_id=tenant, source=file.file,
-                               filename=file.filename or "", name=name, architecture=architecture)
-    session.commit()
-    response.headers["Location"] = f"/v1/models/{row.id}"
-    return row
+    request_hash = idempotency.hash_upload(file.file, {"filename": file.filename, "name": name,
+                                                       "architecture": architecture}) if idempotency_key else ""
+    return _create_idempotently(
+        session, tenant, "POST /v1/models", idempotency_key, request_hash,
+        lambda: service.create_model(session=session, store=store, settings=settings, tenant_id=tenant,
+                                     source=file.file, filename=file.filename or "", name=name, architecture=architecture),
+        ModelOut, response)
 
 
 @router.get("/models/{model_id}", response_model=ModelOut, tags=["models"])
@@ -52,12 +82,15 @@ def upload_dataset(
     session: SessionDep, store: StoreDep, settings: SettingsDep, tenant: TenantDep, response: Response,
     file: Annotated[UploadFile, File(description=".npz with arrays `inputs` (float) and `labels` (int), or .csv")],
     name: Annotated[str | None, Form(max_length=255)] = None,
+    idempotency_key: IdempotencyKey = None,
 ):
-    row = service.create_dataset(session=session, store=store, settings=settings, tenant_id=tenant, source=file.file,
-                                 filename=file.filename or "", name=name)
-    session.commit()
-    response.headers["Location"] = f"/v1/datasets/{row.id}"
-    return row
+    request_hash = idempotency.hash_upload(file.file, {"filename": file.filename, "name": name}) \
+        if idempotency_key else ""
+    return _create_idempotently(
+        session, tenant, "POST /v1/datasets", idempotency_key, request_hash,
+        lambda: service.create_dataset(session=session, store=store, settings=settings, tenant_id=tenant,
+                                       source=file.file, filename=file.filename or "", name=name),
+        DatasetOut, response)
 
 
 @router.get("/datasets/{dataset_id}", response_model=DatasetOut, tags=["datasets"])

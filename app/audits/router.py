@@ -10,6 +10,10 @@ from typing import Annotated
 
 from fastapi import APIRouter, Header, Query, Response
 from fastapi.responses import StreamingResponse
+from sqlalchemy.exc import IntegrityError
+
+from app.artifacts.router import IdempotencyKey
+from app.auth import idempotency
 
 from app.core.deps import SessionDep, StoreDep, TenantDep
 from app.core.errors import PROBLEM_RESPONSES, not_found
@@ -37,9 +41,26 @@ def methods():
 
 @router.post("/audits", status_code=202, response_model=AuditOut, tags=["audits"],
              summary="Start an audit: a worker scores every training example; poll the Location")
-def create_audit(body: AuditCreate, session: SessionDep, tenant: TenantDep, response: Response):
+def create_audit(body: AuditCreate, session: SessionDep, tenant: TenantDep, response: Response,
+                 idempotency_key: IdempotencyKey = None):
+    endpoint = "POST /v1/audits"
+    request_hash = idempotency.hash_json(body.model_dump(mode="json")) if idempotency_key else ""
+    if idempotency_key:
+        previous = idempotency.replay(session, tenant, endpoint, idempotency_key, request_hash)
+        if previous is not None:
+            return previous
     audit = service.create_audit(session=session, tenant_id=tenant, request=body)
-    session.commit()  # the row is the source of truth: commit before the message exists
+    if idempotency_key:
+        idempotency.remember(session, tenant, endpoint, idempotency_key, request_hash, 202,
+                             AuditOut.model_validate(audit).model_dump(mode="json"))
+    try:
+        session.commit()  # the row is the source of truth: commit before the message exists
+    except IntegrityError:
+        session.rollback()
+        previous = idempotency.replay(session, tenant, endpoint, idempotency_key, request_hash) if idempotency_key else None
+        if previous is None:
+            raise
+        return previous
     service.enqueue(session, audit.id)
     session.refresh(audit)
     response.headers["Location"] = f"/v1/audits/{audit.id}"

@@ -22,6 +22,7 @@ class Settings(BaseSettings):
     broker_url: str = Field("filesystem://", description="Celery broker URL, e.g. redis://127.0.0.1:6379/0.")
     storage_dir: Path | None = Field(None, description="Content-addressed artifact store; default <data_dir>/artifacts.")
     queue_name: str = Field("pbrf-audits", description="Celery queue the audits go to.")
+    api_keys: str = Field("", description="Static keys, 'tenant:secret,...', besides those made with `pbrf-audit keys`.")
     host: str = "127.0.0.1"
     port: int = 8000
 

@@ -5,10 +5,12 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import Depends
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
 from .config import Settings, get_settings
 from .db import get_session
+from .errors import ProblemError
 from .storage import ArtifactStore
 
 SessionDep = Annotated[Session, Depends(get_session)]
@@ -21,11 +23,26 @@ def get_store(settings: SettingsDep) -> ArtifactStore:
 
 StoreDep = Annotated[ArtifactStore, Depends(get_store)]
 
-# Tenancy: every query is scoped by a tenant id. Until API keys exist (issue 5) everyone is "default".
+# Tenancy: every query is scoped by the tenant of the caller's API key. With no keys configured the
+# server runs open and everyone is the "default" tenant (announced loudly at start).
 DEFAULT_TENANT = "default"
+bearer = HTTPBearer(auto_error=False, description="API key: `Authorization: Bearer pbrf_...`")
 
 
-def get_tenant() -> str:
+def get_tenant(session: SessionDep, settings: SettingsDep,
+               credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> str:
+    from app.auth import service as auth
+
+    static = auth.static_keys(settings.api_keys)
+    if credentials is not None and credentials.scheme.lower() == "bearer":
+        tenant = auth.tenant_for_secret(session, credentials.credentials, static)
+        if tenant is not None:
+            return tenant
+        raise ProblemError(401, "unauthorized", "the API key is not valid (unknown or revoked)",
+                           headers={"WWW-Authenticate": "Bearer"})
+    if auth.any_keys(session, static):
+        raise ProblemError(401, "unauthorized", "an API key is required: send `Authorization: Bearer <key>`",
+                           headers={"WWW-Authenticate": "Bearer"})
     return DEFAULT_TENANT
 
 

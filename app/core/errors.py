@@ -26,8 +26,10 @@ class Problem(BaseModel):
 
 
 class ProblemError(Exception):
-    def __init__(self, status: int, slug: str, detail: str, title: str | None = None, errors: list[dict] | None = None):
+    def __init__(self, status: int, slug: str, detail: str, title: str | None = None, errors: list[dict] | None = None,
+                 headers: dict | None = None):
         super().__init__(detail)
+        self.headers = headers
         self.status = status
         self.slug = slug
         self.detail = detail
@@ -55,7 +57,8 @@ _SLUGS = {400: "bad-request", 401: "unauthorized", 403: "forbidden", 404: "not-f
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ProblemError)
     async def _problem(request: Request, exc: ProblemError):
-        return problem_response(exc.status, exc.slug, exc.detail, exc.title, str(request.url.path), exc.errors)
+        return problem_response(exc.status, exc.slug, exc.detail, exc.title, str(request.url.path), exc.errors,
+                                headers=exc.headers)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException):
@@ -78,5 +81,5 @@ def install_error_handlers(app: FastAPI) -> None:
 # OpenAPI: document the problem responses on every route that can produce them.
 PROBLEM_RESPONSES = {
     code: {"model": Problem, "description": HTTPStatus(code).phrase, "content": {PROBLEM_MEDIA_TYPE: {}}}
-    for code in (400, 404, 413, 415, 422)
+    for code in (400, 401, 404, 413, 415, 422)
 }

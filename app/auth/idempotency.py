@@ -1,0 +1,53 @@
+"""`Idempotency-Key` on POST endpoints: a retried request returns the first result instead of a duplicate.
+
+The first response is stored with a hash of the request in the same transaction as the object it
+created; a retry with the same key and the same request replays it (header `Idempotency-Replayed`),
+the same key with a different request is a 422. Concurrent first requests race on the primary key:
+the loser rolls back and replays the winner.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import BinaryIO
+
+from fastapi.responses import JSONResponse
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from app.core.errors import ProblemError
+
+from .tables import IdempotencyRecord
+
+
+def hash_json(payload: dict) -> str:
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def hash_upload(source: BinaryIO, fields: dict) -> str:
+    digest = hashlib.sha256(json.dumps(fields, sort_keys=True).encode())
+    while chunk := source.read(1024 * 1024):
+        digest.update(chunk)
+    source.seek(0)
+    return digest.hexdigest()
+
+
+def replay(session: Session, tenant_id: str, endpoint: str, key: str, request_sha256: str) -> JSONResponse | None:
+    record = session.scalar(select(IdempotencyRecord).where(
+        IdempotencyRecord.tenant_id == tenant_id, IdempotencyRecord.endpoint == endpoint, IdempotencyRecord.key == key))
+    if record is None:
+        return None
+    if record.request_sha256 != request_sha256:
+        raise ProblemError(422, "idempotency-key-reused",
+                           "this Idempotency-Key was already used with a different request; use a new key")
+    headers = {"Idempotency-Replayed": "true"}
+    if isinstance(record.response, dict) and "id" in record.response:
+        headers["Location"] = f"/v1/{endpoint.split('/')[-1]}/{record.response['id']}"
+    return JSONResponse(record.response, status_code=record.status_code, headers=headers)
+
+
+def remember(session: Session, tenant_id: str, endpoint: str, key: str, request_sha256: str, status_code: int,
+             response: dict) -> None:
+    session.add(IdempotencyRecord(tenant_id=tenant_id, endpoint=endpoint, key=key, request_sha256=request_sha256,
+                                  status_code=status_code, response=response))
