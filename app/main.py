@@ -6,6 +6,7 @@ import logging
 import time
 
 from fastapi import FastAPI, Request, Response
+from fastapi.responses import PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_latest
 from sqlalchemy import text
 
@@ -71,7 +72,8 @@ def create_app() -> FastAPI:
             return {"status": "ok", "checks": checks}
         return problem_response(503, "not-ready", "; ".join(f"{k}: {v}" for k, v in checks.items()))
 
-    @app.get("/metrics", tags=["operations"], summary="Prometheus metrics")
+    @app.get("/metrics", tags=["operations"], summary="Prometheus metrics", response_class=PlainTextResponse,
+             responses={200: {"content": {"text/plain": {}}, "description": "Prometheus text format"}})
     def metrics_endpoint():
         return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
