@@ -65,7 +65,7 @@ def child(task: str, kind: str, n: int) -> dict:
         from app.influence import AuditConfig, run_audit
 
         method, _, fisher = task.removeprefix("ours-").partition(":")
-        run_audit(model, x, y, AuditConfig(method=method, batch_size=512, fisher_samples=int(fisher or 1)))
+        run_audit(model, x, y, AuditConfig(method=method, fisher_samples=int(fisher or 1)))
     elif task == "kronfluence":
         from common import kronfluence_self_influence
 

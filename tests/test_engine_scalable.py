@@ -141,6 +141,12 @@ def test_diagonal_exact_on_shared_layers_conv_and_fallback(loss_name):
             fb = torch.cat([expected[n].reshape(-1) for n in est.fallback_names])
             torch.testing.assert_close(est.state["__fallback__"]["L"], fb, rtol=1e-4, atol=1e-8)
             assert any("fallback" in entry["treatment"] for entry in est.describe()["layers"])
+        # identity is the squared per-example gradient norm, shared layers and fallback parameters included
+        from app.influence.functional import per_example_loss_grads, trainable_parameters
+
+        norms = per_example_loss_grads(model, trainable_parameters(model), loss, x, y).double().pow(2).sum(1)
+        identity = fit("identity", model, x, y, loss=loss).self_influence(x, y)
+        torch.testing.assert_close(identity, norms, rtol=1e-4, atol=1e-7)
         # every estimator runs on these models; EK-FAC and Lanczos also follow exact's ranking
         # (K-FAC's factorised eigenvalues need not, on an untrained CNN and 12 examples)
         _, exact_s = exact_scores(model, x, y, 1e-2, loss=loss)
@@ -171,3 +177,20 @@ def test_default_damping_recorded_per_layer():
     layers = result.summary["estimator"]["layers"]
     assert [entry["layer"] for entry in layers] == ["0", "2"]
     assert all(entry["damping"] > 0 for entry in layers) and result.damping > 0
+
+
+def test_one_pass_plan_matches_streaming():
+    model, x, y = tiny_problem(n=200, d=6, hidden=12, classes=4, seed=3, epochs=200)
+    runs = {}
+    for budget in (0, 1 << 30):
+        for method in ("diagonal", "ekfac", "kfac"):
+            result = run_audit(model, x, y, AuditConfig(method=method, damping=1e-3, batch_size=32, cache_bytes=budget))
+            runs[(method, budget)] = result.scores
+    # diagonal draws its sampled labels in the same order either way: identical
+    torch.testing.assert_close(runs[("diagonal", 0)], runs[("diagonal", 1 << 30)], rtol=1e-5, atol=1e-9)
+    for method in ("ekfac", "kfac"):  # one pass reuses one label draw for both statistics
+        rho = spearmanr(runs[(method, 0)].numpy(), runs[(method, 1 << 30)].numpy()).statistic
+        assert rho > 0.98, (method, rho)
+    est = make_estimator("ekfac", model, CrossEntropyOutput(), EstimatorOptions(cache_bytes=1000), torch.device("cpu"))
+    est.prepare(BatchSource(x, y, 32, torch.device("cpu")))
+    assert not est.one_pass and est.num_passes == 2  # over budget: stream

@@ -174,7 +174,7 @@ def run_audit_job(audit_id: uuid.UUID, settings: Settings, factory: sessionmaker
             model = loaders.load_model(store.path_for(model_row.sha256), model_row.format, model_row.architecture).module
             dataset = loaders.load_dataset(store.path_for(dataset_row.sha256), dataset_row.format, dataset_limits(settings))
             config = AuditConfig(method=method, damping=damping, weight_decay=params.get("weight_decay", 0.0),
-                                 batch_size=params.get("batch_size", 256), seed=params.get("seed", 0),
+                                 batch_size=params.get("batch_size"), seed=params.get("seed", 0),
                                  fisher_samples=params.get("fisher_samples", 1),
                                  flag_fraction=params.get("flag_fraction"), curvature=params.get("curvature", "auto"),
                                  lanczos_rank=params.get("lanczos_rank", 64),

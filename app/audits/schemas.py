@@ -20,7 +20,7 @@ class AuditCreate(BaseModel):
     method: str = Field("ekfac", max_length=32, description="Influence estimator (see GET /v1/methods)")
     damping: float | None = Field(None, gt=0, le=1e6, description="lambda; null = 0.1 x mean eigenvalue of the curvature")
     weight_decay: float = Field(0.0, ge=0, le=1e3, description="L2 strength used in training; added to the curvature")
-    batch_size: int = Field(256, ge=1, le=8192)
+    batch_size: int | None = Field(None, ge=1, le=8192, description="Examples per batch; null = chosen from the model size")
     seed: int = Field(0, ge=0, le=2**31 - 1, description="Seed for sampled-label Fisher statistics")
     fisher_samples: int = Field(1, ge=0, le=64, description=(
         "Labels sampled from the model per example for the Fisher statistics; 0 = exact expectation over classes"))

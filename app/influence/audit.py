@@ -27,9 +27,10 @@ class AuditConfig:
     method: str = "exact"
     damping: float | None = None
     weight_decay: float = 0.0
-    batch_size: int = 256
+    batch_size: int | None = None  # None: chosen per method from the model size (see auto_batch_size)
     fisher_samples: int = 1  # labels sampled from the model per example; 0 = exact expectation over classes
     lanczos_rank: int = 64
+    cache_bytes: int = 512 * 1024**2  # one-pass blockwise estimators keep at most this much per-example state
     seed: int = 0
     loss: str = "cross_entropy"
     flag_fraction: float | None = None  # None: the method's rule (loo: confident learning; others: 10%)
@@ -58,6 +59,17 @@ def pick_device(requested: str | None) -> torch.device:
     if requested:
         return torch.device(requested)
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def auto_batch_size(estimator: Estimator, num_outputs: int) -> int:
+    """Large batches for the blockwise estimators (their per-batch state is layer-sized); for methods
+    that form per-example Jacobians or gradients (B x C x P), a batch whose Jacobians stay near 64 MiB."""
+    from .kronecker import KroneckerEstimator
+
+    if isinstance(estimator, KroneckerEstimator) and not estimator.fallback_names:
+        return 2048
+    per_example = max(1, estimator.num_parameters * num_outputs)
+    return int(max(8, min(1024, (16 * 1024**2) // per_example)))
 
 
 def check_compatible(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, loss_name: str) -> int:
@@ -92,11 +104,12 @@ def run_audit(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, con
     n = inputs.shape[0]
     if n == 0:
         raise EngineError("the dataset has no examples")
-    check_compatible(model, inputs.to(device), targets.to(device), config.loss)
+    num_outputs = check_compatible(model, inputs[:2].to(device), targets.to(device), config.loss)
 
     options = EstimatorOptions(damping=config.damping, weight_decay=config.weight_decay,
                                fisher_samples=config.fisher_samples, seed=config.seed,
-                               max_exact_parameters=config.max_exact_parameters, lanczos_rank=config.lanczos_rank)
+                               max_exact_parameters=config.max_exact_parameters, lanczos_rank=config.lanczos_rank,
+                               cache_bytes=0 if config.method == "loo" else config.cache_bytes)
     loo = config.method == "loo"
     if loo and config.loss != "cross_entropy":
         raise EngineError("method 'loo' needs a classification model (softmax cross-entropy)")
@@ -107,8 +120,11 @@ def run_audit(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, con
             size = sum(p.numel() for p in model.parameters())
             name = "exact" if size <= config.max_exact_parameters else "ekfac"
     estimator: Estimator = make_estimator(name, model, loss, options, device)
-    passes = 2 + estimator.num_passes + (1 if config.verify_top_k else 0)
-    data = BatchSource(inputs, targets, config.batch_size, device)
+    batch_size = config.batch_size or auto_batch_size(estimator, num_outputs)
+    data = BatchSource(inputs, targets, batch_size, device)
+    estimator.prepare(data)
+    one_pass = estimator.precomputed_scores is not None or getattr(estimator, "one_pass", False)
+    passes = 1 + estimator.num_passes + (0 if one_pass and not loo else 1) + (1 if config.verify_top_k else 0)
     num_batches = data.num_batches
     timings: dict[str, float] = {}
     done_passes = 0
@@ -154,6 +170,9 @@ def run_audit(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, con
     if loo:
         raw, scores, extras, loo_summary = _out_of_sample_pass(estimator, loss, data, targets, n,
                                                                lambda b: step(passes - 1, "scores", b))
+    elif estimator.precomputed_scores is not None:
+        raw = estimator.precomputed_scores.double().cpu()
+        scores = raw
     else:
         parts = []
         for b, (x, y) in enumerate(data()):
@@ -185,7 +204,7 @@ def run_audit(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, con
                   "objective)") if loo else ("self_influence g^T (G + damping I)^-1 g, G the mean GGN, no 1/N factor"
                                              if estimator.uses_curvature else "squared gradient norm"),
         "device": str(device),
-        "batch_size": config.batch_size,
+        "batch_size": batch_size,
         "seed": config.seed,
         "num_flagged": num_flags,
         "flag_rule": flag_rule,

@@ -47,6 +47,9 @@ class EstimatorOptions:
     seed: int = 0
     max_exact_parameters: int = 12_000
     lanczos_rank: int = 64
+    # Blockwise estimators may keep per-example layer inputs/output-gradients (N x layer widths, never
+    # N x P) to finish in one pass over the data; above this many bytes they stream instead.
+    cache_bytes: int = 512 * 1024**2
     extra: dict = field(default_factory=dict)
 
 
@@ -65,6 +68,12 @@ class Estimator:
         self.num_parameters = num_parameters(self.params)
         self.damping: float | None = options.damping
         self.generator = torch.Generator().manual_seed(options.seed)
+
+    # Set by estimators that produce every example's score while fitting (one-pass mode).
+    precomputed_scores: torch.Tensor | None = None
+
+    def prepare(self, data: "BatchSource") -> None:
+        """Choose a plan for this data before `num_passes` is read (default: nothing to choose)."""
 
     def fit(self, data: "BatchSource", report: Callable[[str, float], None]) -> None:
         """Run every stage as one streaming pass over the data (a sum of per-batch partials)."""

@@ -1,4 +1,4 @@
-"""Estimators that work with the full parameter vector: `exact` (dense damped GGN) and `identity`."""
+"""The estimator that works with the full parameter vector: `exact` (dense damped GGN)."""
 
 from __future__ import annotations
 
@@ -6,26 +6,6 @@ import torch
 
 from .base import EngineError, Estimator, Partial
 from .functional import per_example_jacobians, per_example_loss_grads
-
-
-class IdentityEstimator(Estimator):
-    """Squared gradient norm ||g_i||^2: self-influence with G replaced by the identity (the cheap baseline)."""
-
-    name = "identity"
-    stages = ()
-    uses_curvature = False
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.damping = None
-
-    def self_influence(self, inputs, targets):
-        grads = per_example_loss_grads(self.model, self.params, self.loss, inputs, targets)
-        return grads.double().pow(2).sum(-1)
-
-    def describe(self):
-        return {"estimator": self.name, "num_parameters": self.num_parameters, "damping": None,
-                "note": "squared norm of the per-example loss gradient; no curvature"}
 
 
 class ExactEstimator(Estimator):

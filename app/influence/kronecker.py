@@ -143,6 +143,83 @@ class KroneckerEstimator(Estimator):
         else:
             self.stages = ("eigenvalues",)
 
+    # ------------------------------------------------------------------ one-pass plan
+    one_pass = False
+
+    def prepare(self, data) -> None:
+        """One pass over the data when every tracked layer sits at one position per example, no
+        parameter needs the fallback, and the per-example state fits the cache budget: each example's
+        layer inputs a and output gradients s (sampled and given labels) are kept, which is
+        N x (d_in + 2 d_out) floats per layer, never N x P. Otherwise stream, one pass per stage."""
+        self.one_pass = False
+        if self.fallback_names or self.options.cache_bytes <= 0 or not self.layers:
+            return
+        x, y = next(iter(data()))
+        x = x[:1]
+        with _Capture(self.layers) as capture, torch.no_grad():
+            self.model(x)
+        positions = {name: sum(a.shape[1] for a in acts) for name, acts in capture.inputs.items()}
+        if any(positions.get(layer.name, 0) != 1 for layer in self.layers):
+            return
+        samples = max(1, self.options.fisher_samples) if self.options.fisher_samples else 0
+        if samples == 0:
+            return  # the exact expectation keeps C gradients per example: stream instead
+        per_example = sum(layer.d_in + (samples + 1) * layer.d_out for layer in self.layers) * 4
+        self.one_pass = per_example * data.num_examples <= self.options.cache_bytes
+
+    @property
+    def num_passes(self) -> int:
+        return 1 if self.one_pass else len(self.stages)
+
+    def fit(self, data, report):
+        if not self.one_pass:
+            return super().fit(data, report)
+        cache: list[dict[str, tuple]] = []
+        totals: dict[str, torch.Tensor] = {}
+        k = self.options.fisher_samples
+        for b, (x, y) in enumerate(data()):
+            given = self._given_vectors(y)
+            sets = list(self._layer_grads(x, lambda outputs: self._fisher_vectors(outputs) + given(outputs)))
+            entry = {}
+            for li, layer in enumerate(self.layers):
+                a = sets[0][0][li][1][:, 0].float()
+                s_sampled = torch.stack([pairs[li][2][:, 0].float() for pairs, _, _ in sets[:-1]])  # (k, B, d_out)
+                s_given = sets[-1][0][li][2][:, 0].float()
+                if self.rotate:
+                    totals[f"{layer.name}.A"] = totals.get(f"{layer.name}.A", 0) + (a.T @ a).double()
+                    flat = s_sampled.reshape(-1, s_sampled.shape[-1])
+                    totals[f"{layer.name}.S"] = totals.get(f"{layer.name}.S", 0) + (flat.T @ flat).double() / k
+                entry[layer.name] = (a, s_sampled, s_given)
+            cache.append(entry)
+            report("one pass", (b + 1) / data.num_batches)
+        n = data.num_examples
+        if self.rotate:
+            self.finish("covariance", totals, n)
+        # the rotated, squared inputs v = (Q_A^T a)^2 serve both Lambda and the scores: compute once
+        for entry in cache:
+            for layer in self.layers:
+                a, s_sampled, s_given = entry[layer.name]
+                v = (a @ self.state[layer.name]["QA"]).pow_(2) if self.rotate else a.pow(2)
+                entry[layer.name] = (v, s_sampled, s_given)
+        if self.refit_eigenvalues or not self.rotate:
+            lam = {}
+            for entry in cache:
+                for layer in self.layers:
+                    v, s_sampled, _ = entry[layer.name]
+                    u = (s_sampled @ self.state[layer.name]["QS"]).pow_(2) if self.rotate else s_sampled.pow(2)
+                    lam[f"{layer.name}.L"] = lam.get(f"{layer.name}.L", 0) + (u.sum(0).T @ v).double() / k
+            self.finish("eigenvalues", lam, n)
+        scores = []
+        for entry in cache:
+            part = 0
+            for layer in self.layers:
+                v, _, s_given = entry[layer.name]
+                st = self.state[layer.name]
+                u = (s_given @ st["QS"]).pow_(2) if self.rotate else s_given.pow(2)
+                part = part + ((u @ st["R"]) * v).sum(1).double()
+            scores.append(part.cpu())
+        self.precomputed_scores = torch.cat(scores)
+
     # ------------------------------------------------------------------ passes over the data
     def _layer_grads(self, inputs: torch.Tensor, vectors_fn):
         """One forward; for each (B, C) set of output-gradient vectors from vectors_fn(outputs), the
@@ -256,7 +333,7 @@ class KroneckerEstimator(Estimator):
         else:
             for layer in self.layers:
                 self.state.setdefault(layer.name, {})["L"] = total[f"{layer.name}.L"] / n
-        if stage == self.stages[-1]:
+        if stage == self.stages[-1] or (stage == "eigenvalues" and self.one_pass):
             self._set_damping()
 
     def _set_damping(self):
@@ -362,3 +439,37 @@ class KFACEstimator(KroneckerEstimator):
 class DiagonalEstimator(KroneckerEstimator):
     name = "diagonal"
     rotate = False
+
+
+class IdentityEstimator(KroneckerEstimator):
+    """Squared gradient norm ||g_i||^2: self-influence with G replaced by the identity (the cheap
+    baseline). Uses the same layer structure: for a one-position layer ||s a^T||^2 = ||s||^2 ||a||^2,
+    so no per-example gradient is formed; other parameters use per-example gradients."""
+
+    name = "identity"
+    rotate = False
+    uses_curvature = False
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.stages = ()
+        self.damping = None
+        for layer in self.layers:
+            self.state[layer.name] = {"R": torch.ones(layer.d_out, layer.d_in, device=self.device)}
+        if self.fallback_names:
+            self.state["__fallback__"] = {"L": torch.zeros(1, dtype=torch.float64, device=self.device)}
+            self.layer_damping["__fallback__"] = 1.0
+
+    def prepare(self, data) -> None:
+        self.one_pass = False
+
+    @property
+    def num_passes(self) -> int:
+        return 0
+
+    def fit(self, data, report) -> None:
+        """Nothing to fit: there is no curvature."""
+
+    def describe(self):
+        return {"estimator": self.name, "num_parameters": self.num_parameters, "damping": None,
+                "note": "squared norm of the per-example loss gradient; no curvature"}

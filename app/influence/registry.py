@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from .base import EngineError, Estimator, EstimatorOptions
-from .dense import ExactEstimator, IdentityEstimator
-from .kronecker import DiagonalEstimator, EKFACEstimator, KFACEstimator
+from .dense import ExactEstimator
+from .kronecker import DiagonalEstimator, EKFACEstimator, IdentityEstimator, KFACEstimator
 from .krylov import CGEstimator, LanczosEstimator
 
 ESTIMATORS: dict[str, type[Estimator]] = {
