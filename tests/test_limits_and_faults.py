@@ -1,0 +1,124 @@
+"""Limits and faults with real processes: request body limit, per-job time limit, a broker that
+restarts empty, and a database error while results are written."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import time
+import uuid
+
+import numpy as np
+import psycopg
+import pytest
+import torch
+
+from tests.conftest import POSTGRES_ADMIN, Service, _service_env, free_port
+from tests.helpers import (assert_problem, export_onnx, npz_bytes, quick_mlp, synthetic_classification,
+                           upload_dataset, upload_model, wait_for_audit)
+
+
+@pytest.fixture(scope="module")
+def slow_inputs(tmp_path_factory):
+    inputs, labels = synthetic_classification(n=2400, features=4, classes=3, seed=5)
+    path = export_onnx(quick_mlp(inputs, labels, hidden=5), torch.from_numpy(inputs[:2]),
+                       tmp_path_factory.mktemp("faults") / "m.onnx")
+    return path, npz_bytes(inputs=inputs, labels=labels)
+
+
+def _upload(client, slow_inputs):
+    path, content = slow_inputs
+    m = upload_model(client, path).json()
+    d = upload_dataset(client, content).json()
+    return {"model_id": m["id"], "dataset_id": d["id"], "method": "exact", "batch_size": 2}
+
+
+def test_body_limit_and_time_limit(tmp_path, slow_inputs):
+    env = _service_env("embedded", None) | {"PBRF_MAX_UPLOAD_BYTES": str(200_000), "PBRF_TASK_SOFT_TIME_LIMIT": "2",
+                                            "PBRF_TASK_TIME_LIMIT": "5", "PBRF_BROKER_VISIBILITY_TIMEOUT": "60"}
+    svc = Service(env, tmp_path / "limits")
+    svc.start()
+    try:
+        with svc.client() as client:
+            big = npz_bytes(inputs=np.zeros((30_000, 4), np.float32), labels=np.zeros(30_000, np.int64))
+            assert len(big) > 200_000
+            assert_problem(upload_dataset(client, big), 413, "payload-too-large")
+            assert not any((svc.data_dir / "artifacts").rglob("*.npz"))
+            body = _upload(client, slow_inputs)
+            audit = client.post("/v1/audits", json=body).json()
+            final, _ = wait_for_audit(client, audit["id"], timeout=60)
+            assert final["status"] == "failed" and "time limit of 2 s" in final["error"], final
+    finally:
+        svc.stop()
+
+
+def _start_redis(port: int, workdir) -> subprocess.Popen:
+    proc = subprocess.Popen([shutil.which("redis-server"), "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                             "--appendonly", "no", "--dir", str(workdir)], stdout=subprocess.DEVNULL)
+    for _ in range(50):
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return proc
+        except OSError:
+            time.sleep(0.1)
+    raise RuntimeError("private redis did not start")
+
+
+def test_redis_restart_loses_queue_but_audits_still_run(tmp_path, postgres_url, slow_inputs):
+    """A private Redis without persistence is killed while audits wait in its queue and restarted
+    empty: the database rows are the truth, and the reaper re-sends what the broker lost."""
+    port = free_port()
+    redis = _start_redis(port, tmp_path)
+    env = _service_env("postgres_redis", postgres_url) | {
+        "PBRF_BROKER_URL": f"redis://127.0.0.1:{port}/0", "PBRF_STALE_AFTER_SECONDS": "4",
+        "PBRF_REAPER_INTERVAL_SECONDS": "1", "PBRF_HEARTBEAT_SECONDS": "0.5"}
+    svc = Service(env, tmp_path / "svc")
+    svc.start()
+    try:
+        with svc.client() as client:
+            body = _upload(client, slow_inputs)
+            first = client.post("/v1/audits", json=body).json()  # occupies the single worker
+            queued = [client.post("/v1/audits", json=body | {"method": "identity", "batch_size": 512}).json()
+                      for _ in range(2)]
+            time.sleep(0.5)
+            redis.kill()
+            redis.wait()
+            redis = _start_redis(port, tmp_path)  # comes back empty
+            for audit in [first, *queued]:
+                final, _ = wait_for_audit(client, audit["id"], timeout=120)
+                assert final["status"] == "succeeded", (final, svc.logs()[-2000:])
+            assert "reaper re-enqueued" in svc.logs()
+    finally:
+        svc.stop()
+        redis.kill()
+
+
+def test_database_error_while_writing_results_leaves_nothing_half_written(tmp_path, slow_inputs):
+    """A PostgreSQL trigger makes inserting the flags fail: the result transaction rolls back, the
+    audit ends failed with a readable error, and no flag row exists."""
+    name = f"pbrf_fault_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(POSTGRES_ADMIN, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    url = f"postgresql+psycopg://{POSTGRES_ADMIN.rsplit('/', 1)[0].split('://', 1)[1]}/{name}"
+    raw = POSTGRES_ADMIN.rsplit("/", 1)[0] + f"/{name}"
+    svc = Service(_service_env("postgres_redis", url), tmp_path / "svc")
+    svc.start()
+    try:
+        with psycopg.connect(raw, autocommit=True) as conn:
+            conn.execute("""CREATE FUNCTION refuse_flags() RETURNS trigger AS $$
+                            BEGIN RAISE EXCEPTION 'disk full (simulated)'; END $$ LANGUAGE plpgsql""")
+            conn.execute("CREATE TRIGGER refuse_flags BEFORE INSERT ON audit_flag FOR EACH ROW EXECUTE FUNCTION refuse_flags()")
+        with svc.client() as client:
+            body = _upload(client, slow_inputs) | {"method": "identity", "batch_size": 512}
+            audit = client.post("/v1/audits", json=body).json()
+            final, _ = wait_for_audit(client, audit["id"], timeout=60)
+            assert final["status"] == "failed" and "Traceback" not in final["error"], final
+            assert final["summary"] is None
+            assert_problem(client.get(f"/v1/audits/{audit['id']}/flags"), 409, "audit-not-succeeded")
+        with psycopg.connect(raw) as conn:
+            assert conn.execute("SELECT count(*) FROM audit_flag").fetchone()[0] == 0
+    finally:
+        svc.stop()
+        with psycopg.connect(POSTGRES_ADMIN, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
