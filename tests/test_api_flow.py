@@ -158,7 +158,7 @@ def test_every_method_through_the_worker(client, tmp_path):
     assert methods["default"] == "ekfac"
     assert {"exact", "identity", "diagonal", "kfac", "ekfac", "lanczos", "cg"} <= set(methods["methods"])
     created = {}
-    for method in ("ekfac", "kfac", "diagonal", "lanczos", "cg"):
+    for method in ("ekfac", "kfac", "diagonal", "lanczos", "cg", "loo"):
         body = {"model_id": m["id"], "dataset_id": d["id"], "method": method, "lanczos_rank": 8}
         if method == "ekfac":
             body["verify_top_k"] = 3
@@ -171,9 +171,17 @@ def test_every_method_through_the_worker(client, tmp_path):
     for method, audit_id in created.items():
         final, _ = wait_for_audit(client, audit_id)
         assert final["status"] == "succeeded", (method, final["error"])
-        assert final["damping"] > 0 and final["summary"]["estimator"]["estimator"] == method
+        assert final["damping"] > 0
+        assert final["summary"]["estimator"]["estimator"] == (method if method != "loo" else "ekfac")
         items = client.get(f"/v1/audits/{audit_id}/scores", params={"limit": 1000}).json()["items"]
         assert len(items) == 200 and all(i["score"] > 0 for i in items)
+    loo = client.get(f"/v1/audits/{created['loo']}").json()
+    assert loo["summary"]["method"] == "loo" and "confident learning" in loo["summary"]["flag_rule"]
+    flags = client.get(f"/v1/audits/{created['loo']}/flags").json()["items"]
+    assert flags and all(f["suggested_label"] in (0, 1, 2) and 0 <= f["out_of_sample_given_probability"] <= 1
+                         for f in flags)
+    row = client.get(f"/v1/audits/{created['loo']}/scores", params={"limit": 1}).json()["items"][0]
+    assert row["suggested_label"] is not None and row["self_influence"] > 0
     verification = client.get(f"/v1/audits/{created['ekfac']}").json()["summary"]["verification"]
     assert verification["num_examples"] == 3 and len(verification["items"]) == 3
     assert {"pearson", "spearman", "epsilon", "damping"} <= verification.keys()

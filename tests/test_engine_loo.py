@@ -116,3 +116,19 @@ def test_loo_audit_flags_suggests_and_reports():
     assert ((result.extras["suggested_label"] >= 0) & (result.extras["suggested_label"] < 3)).all()
     # removing an example can only lower the model's confidence in its given label
     assert (p <= result.given_probability + 1e-6).all()
+
+
+def test_ekfac_back_end_agrees_with_exact():
+    torch.manual_seed(0)
+    model, x, y = tiny_problem(n=300, d=6, hidden=12, classes=4, seed=3, epochs=400)
+    y = y.clone()
+    y[:30] = (y[:30] + 1) % 4
+    from scipy.stats import spearmanr
+
+    exact = run_audit(model, x, y, AuditConfig(method="loo", curvature="exact", damping=1e-3))
+    ekfac = run_audit(model, x, y, AuditConfig(method="loo", curvature="ekfac", damping=1e-3, fisher_samples=0))
+    rho = spearmanr(exact.scores.numpy(), ekfac.scores.numpy()).statistic
+    same_suggestion = float((exact.extras["suggested_label"] == ekfac.extras["suggested_label"]).double().mean())
+    print(f"loo ekfac vs exact: Spearman {rho:.3f}, same suggested label {same_suggestion:.3f}")
+    assert rho > 0.9 and same_suggestion > 0.9
+    assert ekfac.summary["out_of_sample"]["examples_with_clipped_eigenvalues"] == 0

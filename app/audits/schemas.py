@@ -31,8 +31,7 @@ class AuditCreate(BaseModel):
         "Fraction of examples flagged, most suspicious first; null = the method's rule "
         "(loo: confident learning's estimated number of label issues; others: 10%)"))
     curvature: Literal["auto", "exact", "ekfac", "kfac", "diagonal", "lanczos"] = Field("auto", description=(
-        "Curvature back end of the loo method; auto = exact when the model has at most PBRF_MAX_EXACT_PARAMETERS "
-        "parameters, else ekfac"))
+        "Curvature back end of the loo method; auto = ekfac (exact is the slower reference)"))
     name: str | None = Field(None, max_length=255)
 
 

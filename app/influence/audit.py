@@ -34,7 +34,7 @@ class AuditConfig:
     seed: int = 0
     loss: str = "cross_entropy"
     flag_fraction: float | None = None  # None: the method's rule (loo: confident learning; others: 10%)
-    curvature: str = "auto"  # back end of `loo`: auto = exact when the model fits its limit, else ekfac
+    curvature: str = "auto"  # back end of `loo`: auto = ekfac
     verify_top_k: int = 0  # solve the PBRF directly for this many top flags and report the agreement
     pbrf_epsilon: float | None = None  # None: removal, -1/N
     max_exact_parameters: int = 12_000
@@ -117,8 +117,7 @@ def run_audit(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, con
     if loo:
         name = config.curvature
         if name == "auto":
-            size = sum(p.numel() for p in model.parameters())
-            name = "exact" if size <= config.max_exact_parameters else "ekfac"
+            name = "ekfac"
     estimator: Estimator = make_estimator(name, model, loss, options, device)
     batch_size = config.batch_size or auto_batch_size(estimator, num_outputs)
     data = BatchSource(inputs, targets, batch_size, device)
@@ -292,9 +291,10 @@ def _out_of_sample_pass(estimator, loss, data, targets, n, step):
     extras = {"out_of_sample_given_probability": given_p_t, "suggested_label": torch.cat(suggested),
               "suggested_label_probability": torch.cat(suggested_p)}
     summary = {"examples_with_clipped_eigenvalues": clipped,
-               "reliability": "exact curvature: eigenvalues of K stay below 1 by construction" if estimator.name == "exact"
-               else ("approximate curvature: examples whose (I - H M) needed eigenvalue clipping have unreliable "
-                     "out-of-sample probabilities; prefer curvature 'exact' where the model is small enough"),
+               "step": ("exact curvature: f + M (I - H M)^-1 r (Woodbury removal of the example from the exact GGN)"
+                        if estimator.name == "exact" else
+                        "approximate curvature: the example's own term J^T H J is added to the approximation and "
+                        "removed again, which gives f + M r with M from the approximate curvature"),
                "classes": "all" if all_classes else "given label + the top 20 classes by probability (more than 100 classes)"}
     if all_classes:
         probs = torch.cat(prob_rows)
