@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request, Response
 from fastapi.responses import PlainTextResponse
@@ -29,9 +30,28 @@ poll it, then page through the flagged examples. Errors are RFC 9457 `applicatio
 """
 
 
+def _announce_auth(settings) -> None:
+    from app.auth import service as auth
+    from app.core.db import get_sessionmaker
+
+    try:
+        with get_sessionmaker()() as session:
+            secured = auth.any_keys(session, auth.static_keys(settings.api_keys))
+    except Exception:  # the schema may not exist yet; requests will say so
+        return
+    if not secured:
+        log.warning("NO API KEYS CONFIGURED: the API is OPEN to anyone who can reach it (tenant 'default'). "
+                    "Create one with `pbrf-audit keys create --tenant NAME` or set PBRF_API_KEYS.")
+
+
 def create_app() -> FastAPI:
     settings = get_settings()
-    app = FastAPI(title="pbrf-audit", version="0.1.0", description=DESCRIPTION)
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI):
+        _announce_auth(settings)
+        yield
+
+    app = FastAPI(title="pbrf-audit", version="0.1.0", description=DESCRIPTION, lifespan=lifespan)
     install_error_handlers(app)
     app.include_router(artifacts_router)
     app.include_router(audits_router)
@@ -79,20 +99,6 @@ def create_app() -> FastAPI:
 
     # Multipart framing adds a little to the file itself; allow for it.
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_upload_bytes + 64 * 1024)
-    @app.on_event("startup")
-    def _announce_auth() -> None:
-        from app.auth import service as auth
-        from app.core.db import get_sessionmaker
-
-        try:
-            with get_sessionmaker()() as session:
-                secured = auth.any_keys(session, auth.static_keys(settings.api_keys))
-        except Exception:  # the schema may not exist yet; requests will say so
-            return
-        if not secured:
-            log.warning("NO API KEYS CONFIGURED: the API is OPEN to anyone who can reach it (tenant 'default'). "
-                        "Create one with `pbrf-audit keys create --tenant NAME` or set PBRF_API_KEYS.")
-
     if settings.embedded_broker:
         log.warning("embedded mode: SQLite at %s, artifacts in %s, filesystem broker in %s",
                     settings.database_url, settings.storage_dir, settings.queue_dir)
