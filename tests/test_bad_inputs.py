@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import io
+import json
 import pickle
 import zipfile
+from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from tests.helpers import assert_problem, npz_bytes, upload_dataset
 
@@ -87,3 +90,43 @@ def test_bad_model_rejected(client, service, filename, content, status, slug, tm
     assert _store_files(service) == before_files
     import os
     assert not os.path.exists("/tmp/pbrf-pwned")
+
+
+CORPUS = Path(__file__).resolve().parent / "corpus"
+MANIFEST = json.loads((CORPUS / "manifest.json").read_text())
+ARCH = json.dumps({"type": "mlp", "input_size": 4, "hidden_sizes": [], "num_classes": 3})
+
+
+@pytest.mark.parametrize("entry", MANIFEST, ids=[e["file"] for e in MANIFEST])
+def test_hostile_corpus_is_rejected_without_side_effects(client, service, entry):
+    """Each file in tests/corpus (see make_corpus.py) gets its documented 4xx, leaves no file and no
+    row behind, and nothing in it runs (the pickles would create a marker file)."""
+    marker = Path("/tmp/pbrf-corpus-pwned")
+    marker.unlink(missing_ok=True)
+    endpoint = "/v1/models" if entry["kind"] == "model" else "/v1/datasets"
+    before_rows = len(client.get(endpoint).json())
+    before_files = _store_files(service)
+    data = {"architecture": ARCH} if entry["file"].endswith(".safetensors") else {}
+    content = (CORPUS / entry["file"]).read_bytes()
+    r = client.post(endpoint, files={"file": (entry["file"], content)}, data=data)
+    assert_problem(r, entry["status"], entry["slug"])
+    assert len(client.get(endpoint).json()) == before_rows
+    assert _store_files(service) == before_files
+    assert not marker.exists()
+
+
+def test_model_validation_runs_isolated_under_a_time_limit(tmp_path):
+    """Conversion and the smoke forward pass run in a child process; one that overruns is refused."""
+    from tests.conftest import Service, _service_env
+    from tests.helpers import export_onnx, quick_mlp, synthetic_classification, upload_model
+
+    svc = Service(_service_env("embedded", None) | {"PBRF_MODEL_VALIDATION_TIMEOUT_SECONDS": "0.2"}, tmp_path / "svc")
+    svc.start()
+    try:
+        inputs, labels = synthetic_classification(n=20, features=4, classes=3)
+        path = export_onnx(quick_mlp(inputs, labels, hidden=3, epochs=1), torch.from_numpy(inputs[:2]), tmp_path / "m.onnx")
+        with svc.client() as c:
+            assert_problem(upload_model(c, path), 422, "model-validation-timeout")
+            assert c.get("/v1/models").json() == []
+    finally:
+        svc.stop()

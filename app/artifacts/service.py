@@ -15,6 +15,7 @@ from app.core.errors import ProblemError
 from app.core.storage import ArtifactStore, UploadTooLarge
 
 from . import loaders
+from .inspect_model import inspect_in_subprocess
 from .tables import DatasetArtifact, ModelArtifact
 
 
@@ -38,7 +39,8 @@ def create_model(*, session: Session, store: ArtifactStore, settings: Settings, 
     try:
         fmt = loaders.detect_model_format(filename, _head(source))
         with store.staged(source, settings.max_upload_bytes, suffix="." + fmt) as (path, sha, size):
-            loaded = loaders.load_model(path, fmt, architecture)
+            # conversion and the smoke forward pass run in a separate process under a time limit
+            loaded = inspect_in_subprocess(path, fmt, architecture, settings.model_validation_timeout_seconds)
             store.commit(path, sha)
     except loaders.ArtifactError as exc:
         raise _problem(exc) from exc

@@ -32,6 +32,7 @@ class Settings(BaseSettings):
     max_features: int = 10_000_000  # elements per example
     max_classes: int = 100_000
     max_exact_parameters: int = 12_000
+    model_validation_timeout_seconds: float = Field(120.0, description="Limit for converting + smoke-testing an upload.")
 
     heartbeat_seconds: float = 5.0
     stale_after_seconds: float = 120.0
