@@ -106,3 +106,33 @@ def test_safetensors_checks(tmp_path):
     truncated.write_bytes(good.read_bytes()[:-7])
     with pytest.raises(ArtifactError):
         load_safetensors(truncated, json.dumps(arch))
+
+
+def test_tabular_datasets_parquet_and_csv(tmp_path):
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from app.artifacts.loaders import DatasetLimits, load_dataset
+
+    table = pa.table({"f1": [0.5, 1.5, 2.5], "f2": [1, 2, 3], "label": [0, 2, 1]})
+    pq.write_table(table, tmp_path / "d.parquet")
+    loaded = load_dataset(tmp_path / "d.parquet", "parquet", DatasetLimits())
+    assert loaded.input_shape == [2] and loaded.num_classes == 3 and loaded.labels.tolist() == [0, 2, 1]
+    np.testing.assert_allclose(loaded.inputs[:, 0], [0.5, 1.5, 2.5])
+    (tmp_path / "d.csv").write_text("f1,label,f2\n0.5,0,1\n1.5,2,2\n2.5,1,3\n")
+    csv_loaded = load_dataset(tmp_path / "d.csv", "csv", DatasetLimits())
+    np.testing.assert_allclose(csv_loaded.inputs, loaded.inputs)
+
+    for bad, slug in ((pa.table({"f1": ["a"], "label": [0]}), "dataset-dtype"),
+                      (pa.table({"f1": [1.0], "label": [0.5]}), "labels-not-integers"),
+                      (pa.table({"f1": [1.0, None], "label": [0, 1]}), "dataset-non-finite"),
+                      (pa.table({"f1": [1.0]}), "csv-no-label")):
+        pq.write_table(bad, tmp_path / "bad.parquet")
+        with pytest.raises(ArtifactError) as err:
+            load_dataset(tmp_path / "bad.parquet", "parquet", DatasetLimits())
+        assert err.value.slug == slug
+    (tmp_path / "junk.parquet").write_bytes(b"PAR1 not really")
+    with pytest.raises(ArtifactError) as err:
+        load_dataset(tmp_path / "junk.parquet", "parquet", DatasetLimits())
+    assert err.value.slug == "invalid-parquet"

@@ -26,7 +26,7 @@ from torch import nn
 from .architectures import architecture_adapter
 
 MODEL_FORMATS = ("onnx", "safetensors")
-DATASET_FORMATS = ("npz", "csv")
+DATASET_FORMATS = ("npz", "csv", "parquet")
 PICKLE_SUFFIXES = (".pt", ".pth", ".pkl", ".pickle", ".pt2", ".ckpt", ".bin", ".jit", ".torchscript", ".joblib")
 EXPORT_HELP = (
     "Export the model to ONNX instead: torch.onnx.export(model.eval(), (example_batch,), 'model.onnx', "
@@ -271,9 +271,11 @@ def detect_dataset_format(filename: str, head: bytes) -> str:
         return "npz"
     if name.endswith(".csv"):
         return "csv"
+    if name.endswith((".parquet", ".pq")):
+        return "parquet"
     raise ArtifactError("unsupported-dataset-format",
-                        f"unsupported dataset file {filename!r}: upload .npz (arrays `inputs`, `labels`) or .csv "
-                        "(a `label` column and numeric features)", status=415)
+                        f"unsupported dataset file {filename!r}: upload .npz (arrays `inputs`, `labels`), or .csv / "
+                        ".parquet (a `label` column and numeric features)", status=415)
 
 
 @dataclass
@@ -382,8 +384,47 @@ def load_csv(path: Path, limits: DatasetLimits) -> LoadedDataset:
     return _finish_dataset(np.asarray(rows, dtype=np.float64), np.asarray(labels, dtype=np.int64), "csv", limits)
 
 
+def load_parquet(path: Path, limits: DatasetLimits) -> LoadedDataset:
+    """A `label` column of integers and numeric feature columns, read with pyarrow (no pickle, no
+    pandas metadata execution); the schema and row count are checked before any column is read."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        meta = pq.ParquetFile(path)
+    except (pa.ArrowException, OSError) as exc:
+        raise ArtifactError("invalid-parquet", f"the file is not valid Parquet: {exc}") from exc
+    schema = meta.schema_arrow
+    if "label" not in schema.names:
+        raise ArtifactError("csv-no-label", "the Parquet file needs a `label` column")
+    rows = meta.metadata.num_rows
+    if rows > limits.max_examples:
+        raise ArtifactError("dataset-too-large", f"{rows} rows exceed the limit of {limits.max_examples}", status=413)
+    features = [n for n in schema.names if n != "label"]
+    if not features or len(features) > limits.max_features:
+        raise ArtifactError("dataset-shape", "the Parquet file needs a `label` column and 1.."
+                            f"{limits.max_features} numeric feature columns")
+    for name in features:
+        kind = schema.field(name).type
+        if not (pa.types.is_integer(kind) or pa.types.is_floating(kind) or pa.types.is_boolean(kind)):
+            raise ArtifactError("dataset-dtype", f"column {name!r} has type {kind}; features must be numeric")
+    if not pa.types.is_integer(schema.field("label").type):
+        raise ArtifactError("labels-not-integers", f"`label` has type {schema.field('label').type}; it must be integers")
+    try:
+        table = meta.read()
+    except (pa.ArrowException, OSError) as exc:
+        raise ArtifactError("invalid-parquet", f"could not read the Parquet data: {exc}") from exc
+    if any(table.column(n).null_count for n in table.column_names):
+        raise ArtifactError("dataset-non-finite", "the Parquet file has missing values")
+    inputs = np.column_stack([table.column(n).to_numpy().astype(np.float64) for n in features])
+    labels = table.column("label").to_numpy()
+    return _finish_dataset(inputs, labels, "parquet", limits)
+
+
 def load_dataset(path: Path, fmt: str, limits: DatasetLimits | None = None) -> LoadedDataset:
     limits = limits or DatasetLimits()
+    if fmt == "parquet":
+        return load_parquet(path, limits)
     if fmt == "npz":
         return load_npz(path, limits)
     if fmt == "csv":

@@ -77,7 +77,7 @@ def list_models(session: SessionDep, tenant: TenantDep, limit: Annotated[int, Qu
 
 
 @router.post("/datasets", status_code=201, response_model=DatasetOut, tags=["datasets"],
-             summary="Upload a labelled training set (.npz with `inputs` and `labels`, or .csv with a `label` column)")
+             summary="Upload a labelled training set (.npz with `inputs` and `labels`, or .csv / .parquet with a `label` column)")
 def upload_dataset(
     session: SessionDep, store: StoreDep, settings: SettingsDep, tenant: TenantDep, response: Response,
     file: Annotated[UploadFile, File(description=".npz with arrays `inputs` (float) and `labels` (int), or .csv")],
