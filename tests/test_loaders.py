@@ -136,3 +136,12 @@ def test_tabular_datasets_parquet_and_csv(tmp_path):
     with pytest.raises(ArtifactError) as err:
         load_dataset(tmp_path / "junk.parquet", "parquet", DatasetLimits())
     assert err.value.slug == "invalid-parquet"
+
+
+def test_softmax_outputs_are_refused_but_log_softmax_is_fine(tmp_path):
+    base = mlp()
+    with pytest.raises(ArtifactError) as err:
+        load_onnx(export_onnx(nn.Sequential(base, nn.Softmax(dim=1)), torch.randn(2, 8), tmp_path / "p.onnx"))
+    assert err.value.slug == "model-outputs-probabilities"
+    loaded = load_onnx(export_onnx(nn.Sequential(base, nn.LogSoftmax(dim=1)), torch.randn(2, 8), tmp_path / "l.onnx"))
+    assert loaded.num_outputs == 3

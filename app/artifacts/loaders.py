@@ -125,6 +125,13 @@ def _smoke_test(module: nn.Module, input_shape: list[int]) -> int:
             if not torch.isfinite(out).all():
                 raise ArtifactError("model-non-finite-output", "the model produced non-finite outputs on zero inputs")
             sizes.append(out.shape[1])
+        # Influence needs logits: a softmax layer at the end would silently change the loss and its curvature.
+        probe = module(torch.randn(4, *input_shape, generator=torch.Generator().manual_seed(0)))
+        if (probe.shape[1] > 1 and bool(((probe >= 0) & (probe <= 1)).all())
+                and bool(torch.allclose(probe.sum(1), torch.ones(probe.shape[0]), atol=1e-4))):
+            raise ArtifactError("model-outputs-probabilities",
+                                "the model's outputs are probabilities (it ends in a softmax); export the model "
+                                "without its final softmax so that it returns logits (log-softmax is fine)")
     return int(sizes[0])
 
 
