@@ -40,13 +40,36 @@ class JobLost(Exception):
     """The job was cancelled, or another attempt owns it now: stop without writing anything."""
 
 
+def _dead_local_worker(worker: str | None) -> bool:
+    """True when `worker` (host:pid) names a process on this host that no longer exists: its job was
+    lost with it (OOM kill, segfault), so a redelivered message need not wait for the heartbeat to go stale."""
+    if not worker or ":" not in worker:
+        return False
+    host, _, pid = worker.rpartition(":")
+    if host != socket.gethostname() or not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
 def claim(session: Session, audit_id: uuid.UUID, worker_name: str, stale_after: float) -> str | None:
-    """Compare-and-set: take a queued job, or a running one whose worker stopped heartbeating
-    (a redelivered message after a crash)."""
+    """Compare-and-set: take a queued job, or a running one whose worker stopped heartbeating or is
+    a dead process on this host (a redelivered message after a crash)."""
     token = uuid.uuid4().hex
     now = utcnow()
     stale = now - timedelta(seconds=stale_after)
-    claimable = or_(Audit.status == "queued", and_(Audit.status == "running", Audit.heartbeat_at < stale))
+    current = session.get(Audit, audit_id)
+    lost = current is not None and current.status == "running" and _dead_local_worker(current.worker)
+    running_claimable = Audit.heartbeat_at < stale
+    if lost:  # compare-and-set on the dead attempt's token so that only one redelivery wins
+        running_claimable = Audit.claim_token == current.claim_token
+    session.expire_all()
+    claimable = or_(Audit.status == "queued", and_(Audit.status == "running", running_claimable))
     result = session.execute(
         update(Audit).where(Audit.id == audit_id, claimable, Audit.attempts < MAX_ATTEMPTS)
         .values(status="running", claim_token=token, attempts=Audit.attempts + 1, worker=worker_name,
