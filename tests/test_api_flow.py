@@ -146,6 +146,13 @@ def test_unknown_ids_and_bad_requests(client, trained):
     assert_problem(client.post("/v1/audits", json={"model_id": m["id"], "dataset_id": d_ok["id"], "method": "magic"}),
                    422, "unknown-method")
     assert_problem(client.get(f"/v1/audits/{missing}/flags", params={"cursor": "zzz"}), 404)
+    # methods whose cost the request already shows to be out of reach are refused at creation
+    big = export_onnx(torch.nn.Sequential(torch.nn.Linear(6, 2000), torch.nn.Tanh(), torch.nn.Linear(2000, 3)),
+                      torch.zeros(2, 6), onnx_path.parent / "big.onnx")
+    m_big = upload_model(client, big).json()
+    assert m_big["num_parameters"] > 12_000
+    assert_problem(client.post("/v1/audits", json={"model_id": m_big["id"], "dataset_id": d_ok["id"], "method": "exact"}),
+                   422, "model-too-large-for-method")
 
 
 def test_every_method_through_the_worker(client, tmp_path):

@@ -44,6 +44,20 @@ def test_body_limit_and_time_limit(tmp_path, slow_inputs):
             big = npz_bytes(inputs=np.zeros((30_000, 4), np.float32), labels=np.zeros(30_000, np.int64))
             assert len(big) > 200_000
             assert_problem(upload_dataset(client, big), 413, "payload-too-large")
+            # the same without Content-Length (chunked): the stream is counted and cut at the limit
+            boundary = "pbrfboundary"
+            head = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"d.npz\"\r\n"
+                    "Content-Type: application/octet-stream\r\n\r\n").encode()
+
+            def chunks():
+                yield head
+                for start in range(0, len(big), 65536):
+                    yield big[start : start + 65536]
+                yield f"\r\n--{boundary}--\r\n".encode()
+
+            r = client.post("/v1/datasets", content=chunks(),
+                            headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
+            assert_problem(r, 413, "payload-too-large")
             assert not any((svc.data_dir / "artifacts").rglob("*.npz"))
             body = _upload(client, slow_inputs)
             audit = client.post("/v1/audits", json=body).json()

@@ -145,3 +145,42 @@ def test_softmax_outputs_are_refused_but_log_softmax_is_fine(tmp_path):
     assert err.value.slug == "model-outputs-probabilities"
     loaded = load_onnx(export_onnx(nn.Sequential(base, nn.LogSoftmax(dim=1)), torch.randn(2, 8), tmp_path / "l.onnx"))
     assert loaded.num_outputs == 3
+
+
+def test_review_fixes_for_hostile_datasets_and_headers(tmp_path):
+    import io
+    import zipfile
+
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from app.artifacts.loaders import DatasetLimits, detect_model_format, load_dataset
+
+    limits = DatasetLimits(max_uncompressed_bytes=100_000)
+    # a member named plain "inputs" (numpy resolves it too) counts against the limit
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
+        for name, array in (("inputs", np.zeros((100_000, 1), np.float32)), ("inputs.npy", np.zeros((2, 1), np.float32)),
+                            ("labels.npy", np.zeros(2, np.int64))):
+            member = io.BytesIO()
+            np.save(member, array)
+            archive.writestr(name, member.getvalue())
+    (tmp_path / "sneaky.npz").write_bytes(buffer.getvalue())
+    with pytest.raises(ArtifactError) as err:
+        load_dataset(tmp_path / "sneaky.npz", "npz", limits)
+    assert err.value.status == 413
+    # a parquet file that compresses 800x is refused from its metadata
+    pq.write_table(pa.table({"f": np.zeros(200_000), "label": np.zeros(200_000, np.int64)}), tmp_path / "bomb.parquet")
+    with pytest.raises(ArtifactError) as err:
+        load_dataset(tmp_path / "bomb.parquet", "parquet", limits)
+    assert err.value.status == 413
+    # a safetensors header length of 384 bytes starts with 0x80: still safetensors, not a pickle
+    assert detect_model_format("w.safetensors", (384).to_bytes(8, "little")) == "safetensors"
+
+
+def test_one_output_classifier_is_refused_readably():
+    from app.influence import AuditConfig, EngineError, run_audit
+
+    with pytest.raises(EngineError, match="at least 2 outputs"):
+        run_audit(nn.Linear(3, 1), torch.randn(4, 3), torch.zeros(4, dtype=torch.long), AuditConfig(method="exact"))

@@ -206,26 +206,27 @@ def run_audit_job(audit_id: uuid.UUID, settings: Settings, factory: sessionmaker
             result = run_audit(model, torch.from_numpy(dataset.inputs), torch.from_numpy(dataset.labels), config,
                                progress=progress)
             progress("saving", 1.0)
-        scores_sha = store.put_bytes(_scores_file(result, dataset.labels))
-        flagged = result.flagged.tolist()
-        rows = [{"audit_id": audit_id, "rank": rank, "example_index": int(i), "given_label": int(dataset.labels[i]),
-                 "predicted_label": int(result.predicted[i]), "score": float(result.scores[i]),
-                 "loss": float(result.losses[i]), "given_label_probability": float(result.given_probability[i]),
-                 **_extras_of(result, i)}
-                for rank, i in enumerate(flagged, start=1)]
-        with factory() as session:
-            # One transaction: stale rows from a crashed attempt are replaced, and the status flips
-            # only if this attempt still owns the job.
-            session.execute(delete(AuditFlag).where(AuditFlag.audit_id == audit_id))
-            if rows:
-                session.execute(insert(AuditFlag), rows)
-            done = session.execute(update(Audit).where(_owned(audit_id, token)).values(
-                status="succeeded", progress=1.0, stage="done", finished_at=utcnow(), summary=result.summary,
-                damping=result.damping, scores_sha256=scores_sha))
-            if done.rowcount != 1:
-                session.rollback()
-                raise JobLost
-            session.commit()
+            # still heartbeating: saving a large result must not look like a dead worker
+            scores_sha = store.put_bytes(_scores_file(result, dataset.labels))
+            flagged = result.flagged.tolist()
+            rows = [{"audit_id": audit_id, "rank": rank, "example_index": int(i), "given_label": int(dataset.labels[i]),
+                     "predicted_label": int(result.predicted[i]), "score": float(result.scores[i]),
+                     "loss": float(result.losses[i]), "given_label_probability": float(result.given_probability[i]),
+                     **_extras_of(result, i)}
+                    for rank, i in enumerate(flagged, start=1)]
+            with factory() as session:
+                # One transaction: stale rows from a crashed attempt are replaced, and the status flips
+                # only if this attempt still owns the job.
+                session.execute(delete(AuditFlag).where(AuditFlag.audit_id == audit_id))
+                if rows:
+                    session.execute(insert(AuditFlag), rows)
+                done = session.execute(update(Audit).where(_owned(audit_id, token)).values(
+                    status="succeeded", progress=1.0, stage="done", finished_at=utcnow(), summary=result.summary,
+                    damping=result.damping, scores_sha256=scores_sha))
+                if done.rowcount != 1:
+                    session.rollback()
+                    raise JobLost
+                session.commit()
         log.info("audit %s succeeded (%d flags)", audit_id, len(rows))
         return "succeeded"
     except JobLost:
@@ -263,10 +264,14 @@ def reap(factory: sessionmaker, settings: Settings, send) -> list[uuid.UUID]:
                 values = {"status": "queued", "claim_token": None, "stage": "requeued after a lost worker",
                           "enqueued_at": None}
             session.execute(update(Audit).where(Audit.id == audit.id, Audit.status == "running",
-                                                Audit.claim_token == audit.claim_token).values(**values))
+                                                Audit.claim_token == audit.claim_token, Audit.heartbeat_at < stale)
+                            .values(**values))
         session.commit()
-        waiting = session.scalars(select(Audit.id).where(
-            Audit.status == "queued", or_(Audit.enqueued_at.is_(None), Audit.enqueued_at < stale))).all()
+        # A message counts as lost when it was never sent, or was sent long ago while no worker is busy
+        # (a busy worker means the queue is simply waiting: re-sending then would only pile up duplicates).
+        busy = session.scalar(select(Audit.id).where(Audit.status == "running", Audit.heartbeat_at >= stale).limit(1))
+        lost = Audit.enqueued_at.is_(None) if busy else or_(Audit.enqueued_at.is_(None), Audit.enqueued_at < stale)
+        waiting = session.scalars(select(Audit.id).where(Audit.status == "queued", lost)).all()
         for audit_id in waiting:
             try:
                 send(audit_id)

@@ -76,6 +76,12 @@ class LoadedDataset:
 
 def detect_model_format(filename: str, head: bytes) -> str:
     name = (filename or "").lower()
+    # Trust the two accepted suffixes (their parsers are safe on any bytes: a safetensors header length
+    # can itself start with 0x80); elsewhere, recognise pickles and zip archives by their magic too.
+    if name.endswith(".onnx"):
+        return "onnx"
+    if name.endswith(".safetensors"):
+        return "safetensors"
     if name.endswith(PICKLE_SUFFIXES) or head.startswith(b"\x80") or head.startswith(b"PK\x03\x04"):
         raise ArtifactError(
             "pickle-model-refused",
@@ -336,7 +342,8 @@ def load_npz(path: Path, limits: DatasetLimits) -> LoadedDataset:
         if required not in names:
             raise ArtifactError("invalid-npz", f"the .npz must contain arrays `inputs` and `labels`; found {sorted(n.removesuffix('.npy') for n in names)}")
     # The zip directory states each member's uncompressed size: refuse bombs before inflating anything.
-    total = sum(i.file_size for i in infos if i.filename in ("inputs.npy", "labels.npy"))
+    # All members count (numpy also resolves `inputs` to a member named plain "inputs").
+    total = sum(i.file_size for i in infos)
     if total > limits.max_uncompressed_bytes:
         raise ArtifactError("dataset-too-large", f"the arrays would take {total} bytes uncompressed; the limit is "
                             f"{limits.max_uncompressed_bytes}", status=413)
@@ -347,8 +354,12 @@ def load_npz(path: Path, limits: DatasetLimits) -> LoadedDataset:
         if "allow_pickle" in str(exc) or "Object arrays" in str(exc):
             raise ArtifactError("dataset-object-arrays", "object arrays are refused (they need pickle); store numeric arrays") from exc
         raise ArtifactError("invalid-npz", f"could not read the arrays: {exc}") from exc
-    except (OSError, zipfile.BadZipFile, EOFError) as exc:
-        raise ArtifactError("invalid-npz", f"could not read the arrays: {exc}") from exc
+    except MemoryError as exc:
+        raise ArtifactError("dataset-too-large", "the arrays do not fit in memory", status=413) from exc
+    except (OSError, zipfile.BadZipFile, EOFError, KeyError, RuntimeError, NotImplementedError) as exc:
+        raise ArtifactError("invalid-npz", f"could not read the arrays: {type(exc).__name__}: {exc}") from exc
+    if not isinstance(inputs, np.ndarray) or not isinstance(labels, np.ndarray):
+        raise ArtifactError("invalid-npz", "`inputs` and `labels` must be .npy arrays inside the archive")
     return _finish_dataset(inputs, labels, "npz", limits)
 
 
@@ -374,6 +385,8 @@ def load_csv(path: Path, limits: DatasetLimits) -> LoadedDataset:
                 try:
                     label_text = row[label_at].strip()
                     label = int(label_text)
+                    if not -(2**63) <= label < 2**63:
+                        raise ValueError
                 except ValueError:
                     raise ArtifactError("labels-not-integers", f"line {line_no}: label {row[label_at]!r} is not an integer") from None
                 try:
@@ -402,12 +415,19 @@ def load_parquet(path: Path, limits: DatasetLimits) -> LoadedDataset:
     except (pa.ArrowException, OSError) as exc:
         raise ArtifactError("invalid-parquet", f"the file is not valid Parquet: {exc}") from exc
     schema = meta.schema_arrow
+    if len(set(schema.names)) != len(schema.names):
+        raise ArtifactError("dataset-shape", "the Parquet file has duplicate column names")
     if "label" not in schema.names:
         raise ArtifactError("csv-no-label", "the Parquet file needs a `label` column")
     rows = meta.metadata.num_rows
     if rows > limits.max_examples:
         raise ArtifactError("dataset-too-large", f"{rows} rows exceed the limit of {limits.max_examples}", status=413)
     features = [n for n in schema.names if n != "label"]
+    # Parquet compresses well: bound what reading it would allocate before reading it.
+    uncompressed = sum(meta.metadata.row_group(i).total_byte_size for i in range(meta.metadata.num_row_groups))
+    if max(uncompressed, rows * len(schema.names) * 8) > limits.max_uncompressed_bytes:
+        raise ArtifactError("dataset-too-large", f"the table would take more than {limits.max_uncompressed_bytes} bytes "
+                            "in memory", status=413)
     if not features or len(features) > limits.max_features:
         raise ArtifactError("dataset-shape", "the Parquet file needs a `label` column and 1.."
                             f"{limits.max_features} numeric feature columns")

@@ -59,7 +59,15 @@ def create_dataset(*, session: Session, store: ArtifactStore, settings: Settings
     try:
         fmt = loaders.detect_dataset_format(filename, _head(source))
         with store.staged(source, settings.max_upload_bytes, suffix="." + fmt) as (path, sha, size):
-            loaded = loaders.load_dataset(path, fmt, dataset_limits(settings))
+            try:
+                loaded = loaders.load_dataset(path, fmt, dataset_limits(settings))
+            except (loaders.ArtifactError, UploadTooLarge):
+                raise
+            except MemoryError as exc:
+                raise loaders.ArtifactError("dataset-too-large", "the dataset does not fit in memory", 413) from exc
+            except Exception as exc:  # anything else a hostile file provokes in the parsers is the file's fault
+                raise loaders.ArtifactError("invalid-dataset", f"the file could not be read as a {fmt} dataset "
+                                            f"({type(exc).__name__})") from exc
             store.commit(path, sha)
     except loaders.ArtifactError as exc:
         raise _problem(exc) from exc

@@ -12,6 +12,7 @@ from sqlalchemy import update
 from sqlalchemy.orm import Session
 
 from app.artifacts import repository as artifacts
+from app.core.config import get_settings
 from app.core.errors import ProblemError, not_found
 from app.core.storage import ArtifactStore
 from app.core.timeutil import utcnow
@@ -37,6 +38,16 @@ def create_audit(*, session: Session, tenant_id: str, request: AuditCreate) -> A
         raise ProblemError(422, "model-dataset-mismatch",
                            f"the model takes inputs of shape {model.input_shape} but the dataset's examples have shape "
                            f"{dataset.input_shape}")
+    settings = get_settings()
+    dense = request.method == "exact" or (request.method == "loo" and request.curvature == "exact")
+    if dense and model.num_parameters > settings.max_exact_parameters:
+        raise ProblemError(422, "model-too-large-for-method",
+                           f"the exact curvature forms a dense {model.num_parameters}^2 matrix; it is limited to "
+                           f"{settings.max_exact_parameters} parameters. Use ekfac, kfac, diagonal or lanczos.")
+    if request.method == "cg" and dataset.num_examples > 512:
+        raise ProblemError(422, "dataset-too-large-for-method",
+                           "method 'cg' solves one linear system per example and is limited to 512 examples; "
+                           "use ekfac or exact")
     params = request.model_dump(mode="json", exclude={"model_id", "dataset_id", "method", "damping"})
     audit = Audit(tenant_id=tenant_id, model_id=model.id, dataset_id=dataset.id, status="queued",
                   method=request.method, damping_requested=request.damping, damping=request.damping, params=params,
@@ -80,7 +91,7 @@ def require_finished(audit: Audit) -> None:
         raise ProblemError(409, "audit-not-succeeded", detail)
 
 
-@lru_cache(maxsize=16)
+@lru_cache(maxsize=4)  # whole score arrays: keep few in the API process
 def _read_scores(path: Path) -> dict[str, np.ndarray]:
     with np.load(path, allow_pickle=False) as npz:
         return {k: npz[k] for k in npz.files}

@@ -39,18 +39,27 @@ class BodySizeLimit:
                     pass
         received = 0
         started = False
+        exceeded = False
 
         async def limited_receive():
-            nonlocal received
+            nonlocal received, exceeded
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > self.max_bytes:
+                    exceeded = True
                     raise BodyTooLarge
             return message
 
         async def tracking_send(message):
+            # The form parser may catch our exception and answer 400 itself: once the limit was
+            # exceeded, whatever the app answers is replaced by the 413.
             nonlocal started
+            if exceeded:
+                if not started and message["type"] == "http.response.start":
+                    started = True
+                    await self._reject(send)
+                return
             if message["type"] == "http.response.start":
                 started = True
             await send(message)
@@ -59,4 +68,5 @@ class BodySizeLimit:
             await self.app(scope, limited_receive, tracking_send)
         except BodyTooLarge:
             if not started:
+                started = True
                 await self._reject(send)

@@ -82,6 +82,8 @@ def check_compatible(model: nn.Module, inputs: torch.Tensor, targets: torch.Tens
     if out.ndim != 2 or out.shape[0] != min(2, inputs.shape[0]):
         raise EngineError(f"the model must return one output vector per example, got shape {tuple(out.shape)}")
     num_outputs = out.shape[1]
+    if loss_name == "cross_entropy" and num_outputs < 2:
+        raise EngineError("a softmax classifier needs at least 2 outputs; this model has 1")
     if loss_name == "cross_entropy":
         top = int(targets.max())
         if top >= num_outputs:
@@ -194,7 +196,7 @@ def run_audit(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, con
     else:
         num_flags = round(0.1 * n)
         flag_rule = "top 10% of examples by score"
-    num_flags = max(1, min(n, num_flags))
+    num_flags = max(0, min(n, num_flags))
     summary = {
         "num_examples": n,
         "method": "loo" if loo else estimator.name,

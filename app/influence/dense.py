@@ -48,6 +48,9 @@ class ExactEstimator(Estimator):
         if self.damping is None:
             # 0.1 x mean eigenvalue; the trace gives the mean without an eigendecomposition.
             self.damping = 0.1 * float(torch.diagonal(ggn).mean())
+            if self.damping <= 0:
+                raise EngineError("the model's Gauss-Newton curvature is zero on this data (constant outputs?); "
+                                  "pass an explicit damping")
         damped = ggn + self.damping * torch.eye(ggn.shape[0], dtype=ggn.dtype, device=ggn.device)
         self.cholesky = torch.linalg.cholesky(damped)
 

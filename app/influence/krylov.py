@@ -98,6 +98,8 @@ class LanczosEstimator(_MatrixFree):
         trace = self._trace_pass(data, report) + self.options.weight_decay * self.num_parameters
         if self.damping is None:
             self.damping = 0.1 * trace / self.num_parameters
+            if self.damping <= 0:
+                raise EngineError("the model's Gauss-Newton curvature is zero on this data; pass an explicit damping")
         P, k = self.num_parameters, self.rank
         basis = torch.zeros(k, P, dtype=torch.float64)
         alphas, betas = [], []
@@ -140,7 +142,8 @@ class LanczosEstimator(_MatrixFree):
             proj = g @ self.eigenvectors.T
             captured = proj.pow(2)
             inside = (captured / (self.eigenvalues.to(g.device) + lam)).sum(1)
-            rest = (g.pow(2).sum(1) - captured.sum(1)).clamp_min(0) / lam
+            # outside the Krylov space G is taken as zero, so the curvature there is weight decay + damping
+            rest = (g.pow(2).sum(1) - captured.sum(1)).clamp_min(0) / (lam + self.options.weight_decay)
             parts.append(inside + rest)
         return torch.cat(parts)
 
@@ -156,7 +159,7 @@ class LanczosEstimator(_MatrixFree):
             jac = torch.gather(jac, 1, idx.unsqueeze(-1).expand(-1, -1, jac.shape[-1]))
             proj = jac @ self.eigenvectors.T  # (b, K, k)
             inside = torch.einsum("bck,bdk,k->bcd", proj, proj, 1.0 / (self.eigenvalues.to(jac.device) + lam))
-            rest = (jac @ jac.transpose(1, 2) - proj @ proj.transpose(1, 2)) / lam
+            rest = (jac @ jac.transpose(1, 2) - proj @ proj.transpose(1, 2)) / (lam + self.options.weight_decay)
             out.append(inside + rest)
         return torch.cat(out)
 
