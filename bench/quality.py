@@ -46,6 +46,7 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=list(METHODS))
     parser.add_argument("--no-peers", action="store_true")
     parser.add_argument("--model", choices=list(MODELS), default="mlp32")
+    parser.add_argument("--tag", default="", help="suffix for the result file (partial re-runs)")
     args = parser.parse_args()
 
     hidden, weight_decay = MODELS[args.model]["hidden"], MODELS[args.model]["weight_decay"]
@@ -113,7 +114,7 @@ def main() -> None:
             + table(rows, ["method", "AUROC", "AP", "R@10%", "R@20%", "suggested = true label (flipped)",
                            "flagged (precision)", "seconds"]) + "\n")
     print(text)
-    path = write_result(f"quality-{args.model}.md", text)
+    path = write_result(f"quality-{args.model}{'-' + args.tag if args.tag else ''}.md", text)
     print(f"written to {path}")
 
 
