@@ -247,7 +247,8 @@ def run_audit_job(audit_id: uuid.UUID, settings: Settings, factory: sessionmaker
 def reap(factory: sessionmaker, settings: Settings, send) -> list[uuid.UUID]:
     """Re-enqueue what a crash or a broker loss left behind; returns the ids it re-sent.
 
-    - running with a stale heartbeat: the worker died; back to queued (or failed after MAX_ATTEMPTS);
+    - running with a stale heartbeat, or whose worker process on this host is gone: back to queued
+      (or failed after MAX_ATTEMPTS);
     - queued and never sent, or sent long ago without being claimed: the message may be lost.
     Duplicate messages are harmless: the claim lets one through.
     """
@@ -255,17 +256,22 @@ def reap(factory: sessionmaker, settings: Settings, send) -> list[uuid.UUID]:
     stale = now - timedelta(seconds=settings.stale_after_seconds)
     resend: list[uuid.UUID] = []
     with factory() as session:
-        dead = session.scalars(select(Audit).where(Audit.status == "running", Audit.heartbeat_at < stale)).all()
-        for audit in dead:
+        running = session.scalars(select(Audit).where(Audit.status == "running")).all()
+        for audit in running:
+            stale_heartbeat = audit.heartbeat_at is not None and as_utc(audit.heartbeat_at) < stale
+            dead_here = _dead_local_worker(audit.worker)  # its process is gone: no need to wait
+            if not (stale_heartbeat or dead_here):
+                continue
             if audit.attempts >= MAX_ATTEMPTS:
                 values = {"status": "failed", "finished_at": now, "stage": "failed",
                           "error": f"the worker running this audit was lost {audit.attempts} times (crash or out of memory)"}
             else:
                 values = {"status": "queued", "claim_token": None, "stage": "requeued after a lost worker",
                           "enqueued_at": None}
-            session.execute(update(Audit).where(Audit.id == audit.id, Audit.status == "running",
-                                                Audit.claim_token == audit.claim_token, Audit.heartbeat_at < stale)
-                            .values(**values))
+            guard = [Audit.id == audit.id, Audit.status == "running", Audit.claim_token == audit.claim_token]
+            if not dead_here:
+                guard.append(Audit.heartbeat_at < stale)  # a heartbeat since the SELECT means it is alive
+            session.execute(update(Audit).where(*guard).values(**values))
         session.commit()
         # A message counts as lost when it was never sent, or was sent long ago while no worker is busy
         # (a busy worker means the queue is simply waiting: re-sending then would only pile up duplicates).
