@@ -85,3 +85,16 @@ def assert_problem(response: httpx.Response, status: int, slug: str | None = Non
     if slug:
         assert body["type"].endswith("/" + slug), body
     return body
+
+
+def all_pages(client: httpx.Client, path: str, limit: int = 100) -> list[dict]:
+    """Follow next_cursor from the first page to the last; every item, in order."""
+    items, cursor = [], None
+    while True:
+        response = client.get(path, params={"limit": limit} | ({"cursor": cursor} if cursor else {}))
+        assert response.status_code == 200, response.text
+        body = response.json()
+        items += body["items"]
+        cursor = body["next_cursor"]
+        if not cursor:
+            return items

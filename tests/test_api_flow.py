@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from tests.helpers import (assert_problem, export_onnx, npz_bytes, quick_mlp, synthetic_classification,
+from tests.helpers import (all_pages, assert_problem, export_onnx, npz_bytes, quick_mlp, synthetic_classification,
                            upload_dataset, upload_model, wait_for_audit)
 
 
@@ -70,15 +70,7 @@ def test_audit_end_to_end(client, trained, service):
     assert final["started_at"] and final["finished_at"] and final["attempts"] == 1
 
     # flags: keyset pages, most suspicious first
-    flags, cursor = [], None
-    while True:
-        page = client.get(f"/v1/audits/{audit['id']}/flags", params={"limit": 50} | ({"cursor": cursor} if cursor else {}))
-        assert page.status_code == 200, page.text
-        body = page.json()
-        flags += body["items"]
-        cursor = body["next_cursor"]
-        if cursor is None:
-            break
+    flags = all_pages(client, f"/v1/audits/{audit['id']}/flags", limit=50)
     assert [f["rank"] for f in flags] == list(range(1, 121))
     scores = [f["score"] for f in flags]
     assert scores == sorted(scores, reverse=True)
@@ -89,14 +81,7 @@ def test_audit_end_to_end(client, trained, service):
     assert all(f["predicted_label"] == predicted[f["index"]] for f in flags)
 
     # scores: every example in dataset order, JSON pages and CSV
-    items, cursor = [], None
-    while True:
-        body = client.get(f"/v1/audits/{audit['id']}/scores",
-                          params={"limit": 500} | ({"cursor": cursor} if cursor else {})).json()
-        items += body["items"]
-        cursor = body["next_cursor"]
-        if cursor is None:
-            break
+    items = all_pages(client, f"/v1/audits/{audit['id']}/scores", limit=500)
     assert [i["index"] for i in items] == list(range(1200))
     by_index = {i["index"]: i["score"] for i in items}
     assert all(by_index[f["index"]] == f["score"] for f in flags)

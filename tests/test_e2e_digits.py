@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from tests.digits import noisy_digits, train_mlp
-from tests.helpers import export_onnx, npz_bytes, upload_dataset, upload_model, wait_for_audit
+from tests.helpers import all_pages, export_onnx, npz_bytes, upload_dataset, upload_model, wait_for_audit
 
 
 def test_flipped_digits_rank_high(embedded_service, tmp_path):
@@ -23,14 +23,7 @@ def test_flipped_digits_rank_high(embedded_service, tmp_path):
         r = client.post("/v1/audits", json={"model_id": m["id"], "dataset_id": d["id"], "method": "exact"})
         final, _ = wait_for_audit(client, r.json()["id"], timeout=300)
         assert final["status"] == "succeeded", final
-        flags, cursor = [], None
-        while True:
-            body = client.get(f"/v1/audits/{final['id']}/flags",
-                              params={"limit": 100} | ({"cursor": cursor} if cursor else {})).json()
-            flags += body["items"]
-            cursor = body["next_cursor"]
-            if not cursor:
-                break
+        flags = all_pages(client, f"/v1/audits/{final['id']}/flags", limit=100)
     assert len(flags) == 150  # top 10% of 1500
     flagged_idx = np.array([f["index"] for f in flags])
     recall_top10 = flipped[flagged_idx].sum() / flipped.sum()

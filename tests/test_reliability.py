@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from tests.conftest import Service, _service_env
-from tests.helpers import (assert_problem, export_onnx, npz_bytes, quick_mlp, synthetic_classification,
+from tests.helpers import (all_pages, assert_problem, export_onnx, npz_bytes, quick_mlp, synthetic_classification,
                            upload_dataset, upload_model, wait_for_audit)
 
 
@@ -62,14 +62,7 @@ def test_sigkill_mid_audit_is_recovered_and_written_once(fast_reaper_service, sl
         if fast_reaper_service.env.get("PBRF_BROKER_URL", "").startswith("redis"):
             # the message is redelivered at once and the dead pid is recognised: no wait for the reaper
             assert "reaper re-enqueued" not in fast_reaper_service.logs()
-        flags, cursor = [], None
-        while True:
-            body = client.get(f"/v1/audits/{audit['id']}/flags",
-                              params={"limit": 1000} | ({"cursor": cursor} if cursor else {})).json()
-            flags += body["items"]
-            cursor = body["next_cursor"]
-            if not cursor:
-                break
+        flags = all_pages(client, f"/v1/audits/{audit['id']}/flags", limit=1000)
         assert [f["rank"] for f in flags] == list(range(1, 241))
         assert len({f["index"] for f in flags}) == 240
         scores = client.get(f"/v1/audits/{audit['id']}/scores", params={"limit": 10000}).json()["items"]

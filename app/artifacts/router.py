@@ -6,7 +6,6 @@ import uuid
 from typing import Annotated
 
 from fastapi import APIRouter, File, Form, Header, Query, Response, UploadFile
-from sqlalchemy.exc import IntegrityError
 
 from app.auth import idempotency
 
@@ -22,25 +21,10 @@ IdempotencyKey = Annotated[str | None, Header(alias="Idempotency-Key", max_lengt
 
 
 def _create_idempotently(session, tenant, endpoint, key, request_hash, create, out_model, response):
-    """Run `create` once per Idempotency-Key (or always, without one); returns the response body."""
-    if key:
-        previous = idempotency.replay(session, tenant, endpoint, key, request_hash)
-        if previous is not None:
-            return previous
-    row = create()
-    body = out_model.model_validate(row).model_dump(mode="json")
-    if key:
-        idempotency.remember(session, tenant, endpoint, key, request_hash, 201, body)
-    try:
-        session.commit()
-    except IntegrityError:
-        session.rollback()
-        previous = idempotency.replay(session, tenant, endpoint, key, request_hash) if key else None
-        if previous is None:
-            raise
-        return previous
-    response.headers["Location"] = f"/v1/{endpoint.split('/')[-1]}/{row.id}"
-    return body
+    result, row = idempotency.create_once(session, tenant, endpoint, key, request_hash, create, out_model, 201)
+    if row is not None:
+        response.headers["Location"] = f"/v1/{endpoint.split('/')[-1]}/{row.id}"
+    return result
 
 
 @router.post("/models", status_code=201, response_model=ModelOut, tags=["models"],

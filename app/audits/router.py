@@ -10,7 +10,6 @@ from typing import Annotated
 
 from fastapi import APIRouter, Header, Query, Response
 from fastapi.responses import StreamingResponse
-from sqlalchemy.exc import IntegrityError
 
 from app.artifacts.router import IdempotencyKey
 from app.auth import idempotency
@@ -43,24 +42,13 @@ def methods():
              summary="Start an audit: a worker scores every training example; poll the Location")
 def create_audit(body: AuditCreate, session: SessionDep, tenant: TenantDep, response: Response,
                  idempotency_key: IdempotencyKey = None):
-    endpoint = "POST /v1/audits"
     request_hash = idempotency.hash_json(body.model_dump(mode="json")) if idempotency_key else ""
-    if idempotency_key:
-        previous = idempotency.replay(session, tenant, endpoint, idempotency_key, request_hash)
-        if previous is not None:
-            return previous
-    audit = service.create_audit(session=session, tenant_id=tenant, request=body)
-    if idempotency_key:
-        idempotency.remember(session, tenant, endpoint, idempotency_key, request_hash, 202,
-                             AuditOut.model_validate(audit).model_dump(mode="json"))
-    try:
-        session.commit()  # the row is the source of truth: commit before the message exists
-    except IntegrityError:
-        session.rollback()
-        previous = idempotency.replay(session, tenant, endpoint, idempotency_key, request_hash) if idempotency_key else None
-        if previous is None:
-            raise
-        return previous
+    # the row is the source of truth: it is committed here, before the message exists
+    result, audit = idempotency.create_once(
+        session, tenant, "POST /v1/audits", idempotency_key, request_hash,
+        lambda: service.create_audit(session=session, tenant_id=tenant, request=body), AuditOut, 202)
+    if audit is None:
+        return result
     service.enqueue(session, audit.id)
     session.refresh(audit)
     response.headers["Location"] = f"/v1/audits/{audit.id}"

@@ -12,8 +12,12 @@ import hashlib
 import json
 from typing import BinaryIO
 
+from collections.abc import Callable
+from typing import Any
+
 from fastapi.responses import JSONResponse
 from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from app.core.errors import ProblemError
@@ -51,3 +55,28 @@ def remember(session: Session, tenant_id: str, endpoint: str, key: str, request_
              response: dict) -> None:
     session.add(IdempotencyRecord(tenant_id=tenant_id, endpoint=endpoint, key=key, request_sha256=request_sha256,
                                   status_code=status_code, response=response))
+
+
+def create_once(session: Session, tenant_id: str, endpoint: str, key: str | None, request_sha256: str,
+                create: Callable[[], Any], out_model, status_code: int) -> tuple[JSONResponse | dict, Any]:
+    """Run `create` and commit, once per Idempotency-Key (always, without one).
+
+    Returns (the response, the new row), or (the replayed first response, None) for a retry or for the
+    loser of a race between two first requests."""
+    if key:
+        previous = replay(session, tenant_id, endpoint, key, request_sha256)
+        if previous is not None:
+            return previous, None
+    row = create()
+    body = out_model.model_validate(row).model_dump(mode="json")
+    if key:
+        remember(session, tenant_id, endpoint, key, request_sha256, status_code, body)
+    try:
+        session.commit()
+    except IntegrityError:
+        session.rollback()
+        previous = replay(session, tenant_id, endpoint, key, request_sha256) if key else None
+        if previous is None:
+            raise
+        return previous, None
+    return body, row
