@@ -17,6 +17,7 @@ import time
 import traceback
 import uuid
 from datetime import timedelta
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -54,7 +55,12 @@ def _dead_local_worker(worker: str | None) -> bool:
         return True
     except PermissionError:
         return False
-    return False
+    # A killed pool child stays a zombie until its parent reaps it: it still answers kill(pid, 0).
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[-1].split()[0] == "Z"
 
 
 def claim(session: Session, audit_id: uuid.UUID, worker_name: str, stale_after: float) -> str | None:
