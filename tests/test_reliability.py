@@ -16,10 +16,15 @@ from tests.helpers import (all_pages, assert_problem, export_onnx, npz_bytes, qu
                            upload_dataset, upload_model, wait_for_audit)
 
 
+# Long enough that recovery by a stale heartbeat cannot be mistaken for recovery by the dead-process
+# check, which is what the SIGKILL test is about; wall-clock margins stay wide on a loaded CI machine.
+STALE_AFTER = 60
+
+
 @pytest.fixture(scope="module", params=["embedded", "postgres_redis"])
 def fast_reaper_service(request, tmp_path_factory):
     pg = request.getfixturevalue("postgres_url") if request.param == "postgres_redis" else None
-    env = _service_env(request.param, pg) | {"PBRF_STALE_AFTER_SECONDS": "4", "PBRF_REAPER_INTERVAL_SECONDS": "1",
+    env = _service_env(request.param, pg) | {"PBRF_STALE_AFTER_SECONDS": str(STALE_AFTER), "PBRF_REAPER_INTERVAL_SECONDS": "1",
                                              "PBRF_HEARTBEAT_SECONDS": "0.5"}
     svc = Service(env, tmp_path_factory.mktemp(f"reaper-{request.param}"))
     svc.start()
@@ -58,17 +63,14 @@ def test_sigkill_mid_audit_is_recovered_and_written_once(fast_reaper_service, sl
         os.kill(pid, signal.SIGKILL)  # the pool process running the audit, as the OOM killer would
         killed_at = time.monotonic()
         while client.get(f"/v1/audits/{audit['id']}").json()["attempts"] < 2:
-            assert time.monotonic() - killed_at < 60, "the audit was never picked up again"
+            # The dead pool process is recognised (Redis: by the redelivered message or the reaper, whichever
+            # is first; filesystem broker: by the reaper, after Celery replaces its lost child in ~10 s), so
+            # a second attempt starts long before the heartbeat could go stale.
+            assert time.monotonic() - killed_at < STALE_AFTER - 10, "recovery waited for the stale heartbeat"
             time.sleep(0.05)
-        recovered_after = time.monotonic() - killed_at
         final, seen = wait_for_audit(client, audit["id"], timeout=180)
         assert final["status"] == "succeeded", (final, fast_reaper_service.logs()[-3000:])
         assert final["attempts"] == 2
-        if fast_reaper_service.env.get("PBRF_BROKER_URL", "").startswith("redis"):
-            # Redis redelivers at once and the dead pid is recognised (by the redelivered message or the
-            # reaper, whichever is first): a new attempt starts before the heartbeat could go stale (4 s).
-            # (On the filesystem broker the worker itself takes ~10 s to notice its lost child.)
-            assert recovered_after < 3.0, recovered_after
         flags = all_pages(client, f"/v1/audits/{audit['id']}/flags", limit=1000)
         assert [f["rank"] for f in flags] == list(range(1, 241))
         assert len({f["index"] for f in flags}) == 240
