@@ -184,3 +184,36 @@ def test_one_output_classifier_is_refused_readably():
 
     with pytest.raises(EngineError, match="at least 2 outputs"):
         run_audit(nn.Linear(3, 1), torch.randn(4, 3), torch.zeros(4, dtype=torch.long), AuditConfig(method="exact"))
+
+
+@pytest.mark.parametrize("text, slug", [
+    (b"f1,label\n1.5,2\n\xff,1\n", "invalid-csv"),  # not UTF-8 past the header
+    (b"f1,label\n1.5,2\nabc,1\n", "dataset-dtype"),
+    (b"f1,label\n1,0.5\n", "labels-not-integers"),
+    (b"f1,label\n1,99999999999999999999\n", "labels-not-integers"),
+    (b"f1,label\n,0\n", "dataset-non-finite"),
+    (b"f1,label\n1e39,0\n", "dataset-non-finite"),  # overflows float32
+    (b"f1,label\n1,0\n2\n", "csv-ragged"),
+    (b"f1,f1,label\n1,2,0\n", "dataset-shape"),
+    (b"f1,label\n", "dataset-empty"),
+    (b"f\xff1,label\n1,0\n", "invalid-csv"),
+])
+def test_csv_errors_name_the_problem(tmp_path, text, slug):
+    from app.artifacts.loaders import DatasetLimits, load_dataset
+
+    (tmp_path / "d.csv").write_bytes(text)
+    with pytest.raises(ArtifactError) as err:
+        load_dataset(tmp_path / "d.csv", "csv", DatasetLimits())
+    assert err.value.slug == slug and err.value.status == 422
+
+
+def test_csv_tolerates_a_bom_crlf_spaces_and_blank_lines_and_counts_rows_while_streaming(tmp_path):
+    from app.artifacts.loaders import DatasetLimits, load_dataset
+
+    (tmp_path / "d.csv").write_bytes(b"\xef\xbb\xbff1, label ,f2\r\n 1.5, 2 ,3\r\n\r\n4,0,5\r\n")
+    loaded = load_dataset(tmp_path / "d.csv", "csv", DatasetLimits())
+    assert loaded.inputs.tolist() == [[1.5, 3.0], [4.0, 5.0]] and loaded.labels.tolist() == [2, 0]
+    (tmp_path / "big.csv").write_text("f1,label\n" + "1,0\n" * 5000)
+    with pytest.raises(ArtifactError) as err:
+        load_dataset(tmp_path / "big.csv", "csv", DatasetLimits(max_examples=4000))
+    assert err.value.slug == "dataset-too-large" and err.value.status == 413

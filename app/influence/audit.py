@@ -125,7 +125,10 @@ def run_audit(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, con
     data = BatchSource(inputs, targets, batch_size, device)
     estimator.prepare(data)
     one_pass = estimator.precomputed_scores is not None or getattr(estimator, "one_pass", False)
-    passes = 1 + estimator.num_passes + (0 if one_pass and not loo else 1) + (1 if config.verify_top_k else 0)
+    # a one-pass fit runs the model forward on every batch: the predictions come from that pass
+    predictions_from_fit = one_pass and not loo
+    passes = (0 if predictions_from_fit else 1) + estimator.num_passes + (0 if one_pass and not loo else 1) \
+        + (1 if config.verify_top_k else 0)
     num_batches = data.num_batches
     timings: dict[str, float] = {}
     done_passes = 0
@@ -133,36 +136,45 @@ def run_audit(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, con
     def step(pass_index: int, stage: str, batch_index: int) -> None:
         report(stage, min(1.0, (pass_index + (batch_index + 1) / num_batches) / passes))
 
+    losses, predicted, given_prob = [], [], []
+
+    def record_predictions(out: torch.Tensor, y: torch.Tensor) -> None:
+        losses.append(loss.loss(out, y).double().cpu())
+        if config.loss == "cross_entropy":
+            probs = torch.softmax(out.double(), -1)
+            predicted.append(probs.argmax(-1).cpu())
+            given_prob.append(probs.gather(1, y.long().unsqueeze(1)).squeeze(1).cpu())
+
     # 1. predictions at theta_s
     t0 = time.perf_counter()
-    losses, predicted, given_prob = [], [], []
-    with torch.no_grad():
-        for b, (x, y) in enumerate(data()):
-            out = model(x)
-            losses.append(loss.loss(out, y).double().cpu())
-            if config.loss == "cross_entropy":
-                probs = torch.softmax(out.double(), -1)
-                predicted.append(probs.argmax(-1).cpu())
-                given_prob.append(probs.gather(1, y.long().unsqueeze(1)).squeeze(1).cpu())
-            step(0, "predictions", b)
+    if not predictions_from_fit:
+        with torch.no_grad():
+            for b, (x, y) in enumerate(data()):
+                record_predictions(model(x), y)
+                step(0, "predictions", b)
     timings["predictions"] = time.perf_counter() - t0
-    losses_t = torch.cat(losses)
-    predicted_t = torch.cat(predicted) if predicted else torch.zeros(n, dtype=torch.long)
-    given_prob_t = torch.cat(given_prob) if given_prob else torch.full((n,), float("nan"), dtype=torch.float64)
 
     # 2. curvature: each pass a streaming sum over the data (shardable)
     t0 = time.perf_counter()
-    stage_started = {}
+    first_pass = 0 if predictions_from_fit else 1
 
     def fit_report(stage: str, fraction: float) -> None:
         nonlocal done_passes
-        stage_started.setdefault(stage, time.perf_counter())
-        report(stage, min(1.0, (1 + done_passes + fraction) / passes))
+        report(stage, min(1.0, (first_pass + done_passes + fraction) / passes))
         if fraction >= 1.0:
             done_passes += 1
 
     estimator.fit(data, fit_report)
     timings["curvature"] = time.perf_counter() - t0
+    if predictions_from_fit:
+        if estimator.batch_outputs is None or len(estimator.batch_outputs) != num_batches:
+            raise RuntimeError("the one-pass fit did not keep its outputs")  # a bug, not a user error
+        for out, y in zip(estimator.batch_outputs, targets.split(data.batch_size)):
+            record_predictions(out, y.to(out.device))
+        estimator.batch_outputs = None
+    losses_t = torch.cat(losses)
+    predicted_t = torch.cat(predicted) if predicted else torch.zeros(n, dtype=torch.long)
+    given_prob_t = torch.cat(given_prob) if given_prob else torch.full((n,), float("nan"), dtype=torch.float64)
 
     # 3. scores
     t0 = time.perf_counter()

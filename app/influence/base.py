@@ -71,6 +71,9 @@ class Estimator:
 
     # Set by estimators that produce every example's score while fitting (one-pass mode).
     precomputed_scores: torch.Tensor | None = None
+    # Set by a fit that ran the model forward on every batch in order: the (detached) outputs at
+    # theta_s, which the audit then reuses instead of a separate prediction pass.
+    batch_outputs: list[torch.Tensor] | None = None
 
     def prepare(self, data: "BatchSource") -> None:
         """Choose a plan for this data before `num_passes` is read (default: nothing to choose)."""

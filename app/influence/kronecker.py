@@ -79,6 +79,11 @@ class _Layer:
         return g.flatten(2).transpose(1, 2)
 
 
+def _cat_positions(parts: list[torch.Tensor]) -> torch.Tensor:
+    # most layers are called once: no copy then
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+
+
 class _Capture:
     """Forward hooks that record each tracked layer's (augmented) inputs and outputs for one batch."""
 
@@ -117,8 +122,8 @@ class _Capture:
             calls = len(self.outputs[layer.name])
             if calls == 0:
                 continue
-            a = torch.cat(self.inputs[layer.name], dim=1)
-            s = torch.cat([layer.output_grads(g) for g in grads[offset : offset + calls]], dim=1)
+            a = _cat_positions(self.inputs[layer.name])
+            s = _cat_positions([layer.output_grads(g) for g in grads[offset : offset + calls]])
             offset += calls
             yield layer, a, s
 
@@ -177,13 +182,19 @@ class KroneckerEstimator(Estimator):
         cache: list[dict[str, tuple]] = []
         totals: dict[str, torch.Tensor] = {}
         k = self.options.fisher_samples
+        self.batch_outputs = []  # the forward's outputs, so the audit needs no separate prediction pass
+
+        def vectors(outputs, y):
+            self.batch_outputs.append(outputs)
+            return self._fisher_vectors(outputs) + self._given_vectors(y)(outputs)
+
         for b, (x, y) in enumerate(data()):
-            given = self._given_vectors(y)
-            sets = list(self._layer_grads(x, lambda outputs: self._fisher_vectors(outputs) + given(outputs)))
+            sets = list(self._layer_grads(x, lambda outputs: vectors(outputs, y)))
             entry = {}
             for li, layer in enumerate(self.layers):
                 a = sets[0][0][li][1][:, 0].float()
-                s_sampled = torch.stack([pairs[li][2][:, 0].float() for pairs, _, _ in sets[:-1]])  # (k, B, d_out)
+                s_sampled = sets[0][0][li][2][:, 0].float().unsqueeze(0) if k == 1 else torch.stack(
+                    [pairs[li][2][:, 0].float() for pairs, _, _ in sets[:-1]])  # (k, B, d_out)
                 s_given = sets[-1][0][li][2][:, 0].float()
                 if self.rotate:
                     totals[f"{layer.name}.A"] = totals.get(f"{layer.name}.A", 0) + (a.T @ a).double()
