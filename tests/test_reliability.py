@@ -25,7 +25,7 @@ STALE_AFTER = 60
 def fast_reaper_service(request, tmp_path_factory):
     pg = request.getfixturevalue("postgres_url") if request.param == "postgres_redis" else None
     env = _service_env(request.param, pg) | {"PBRF_STALE_AFTER_SECONDS": str(STALE_AFTER), "PBRF_REAPER_INTERVAL_SECONDS": "1",
-                                             "PBRF_HEARTBEAT_SECONDS": "0.5"}
+                                             "PBRF_HEARTBEAT_SECONDS": "0.5", "PBRF_MAX_ACTIVE_AUDITS_PER_TENANT": "2"}
     svc = Service(env, tmp_path_factory.mktemp(f"reaper-{request.param}"))
     svc.start()
     yield svc
@@ -104,3 +104,19 @@ def test_cancel_a_queued_audit_never_runs(fast_reaper_service, slow_job):
         time.sleep(3)
         body = client.get(f"/v1/audits/{second['id']}").json()
         assert body["status"] == "cancelled" and body["attempts"] == 0 and body["started_at"] is None
+
+
+def test_a_tenant_over_its_active_audit_quota_gets_429_until_one_ends(fast_reaper_service, slow_job):
+    with fast_reaper_service.client() as client:
+        first = client.post("/v1/audits", json=slow_job).json()
+        second = client.post("/v1/audits", json=slow_job).json()
+        before = len(client.get("/v1/audits").json()["items"])
+        over = client.post("/v1/audits", json=slow_job)
+        assert_problem(over, 429, "too-many-active-audits")
+        assert int(over.headers["Retry-After"]) > 0
+        assert len(client.get("/v1/audits").json()["items"]) == before  # nothing was created
+        client.post(f"/v1/audits/{first['id']}/cancel")
+        third = client.post("/v1/audits", json=slow_job)
+        assert third.status_code == 202
+        for audit in (second, third.json()):
+            client.post(f"/v1/audits/{audit['id']}/cancel")

@@ -15,7 +15,7 @@ from app.artifacts.router import IdempotencyKey
 from app.auth import idempotency
 
 from app.core.deps import SessionDep, StoreDep, TenantDep
-from app.core.errors import PROBLEM_RESPONSES, not_found
+from app.core.errors import PROBLEM_RESPONSES, QUOTA_RESPONSES, not_found
 from app.core.pagination import decode_cursor, encode_cursor
 from app.influence.registry import available_methods
 
@@ -38,7 +38,7 @@ def methods():
     return MethodsOut(methods=available_methods(), default=AuditCreate.model_fields["method"].default)
 
 
-@router.post("/audits", status_code=202, response_model=AuditOut, tags=["audits"],
+@router.post("/audits", status_code=202, response_model=AuditOut, tags=["audits"], responses=QUOTA_RESPONSES,
              summary="Start an audit: a worker scores every training example; poll the Location")
 def create_audit(body: AuditCreate, session: SessionDep, tenant: TenantDep, response: Response,
                  idempotency_key: IdempotencyKey = None):

@@ -8,7 +8,7 @@ from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
-from sqlalchemy import update
+from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from app.artifacts import repository as artifacts
@@ -48,6 +48,15 @@ def create_audit(*, session: Session, tenant_id: str, request: AuditCreate) -> A
         raise ProblemError(422, "dataset-too-large-for-method",
                            "method 'cg' solves one linear system per example and is limited to 512 examples; "
                            "use ekfac or exact")
+    # A per-tenant quota keeps one client from filling the shared queue. It is a soft bound: two
+    # requests racing past the count can overshoot it by one each, which is harmless.
+    active = session.scalar(select(func.count()).select_from(Audit)
+                            .where(Audit.tenant_id == tenant_id, Audit.status.in_(("queued", "running"))))
+    if active >= settings.max_active_audits_per_tenant:
+        raise ProblemError(429, "too-many-active-audits",
+                           f"this tenant already has {active} queued or running audits (the limit is "
+                           f"{settings.max_active_audits_per_tenant}); wait for one to finish or cancel one",
+                           headers={"Retry-After": "30"})
     params = request.model_dump(mode="json", exclude={"model_id", "dataset_id", "method", "damping"})
     audit = Audit(tenant_id=tenant_id, model_id=model.id, dataset_id=dataset.id, status="queued",
                   method=request.method, damping_requested=request.damping, damping=request.damping, params=params,

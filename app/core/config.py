@@ -33,6 +33,8 @@ class Settings(BaseSettings):
     max_classes: int = 100_000
     max_exact_parameters: int = 12_000
     model_validation_timeout_seconds: float = Field(120.0, description="Limit for converting + smoke-testing an upload.")
+    max_active_audits_per_tenant: int = Field(
+        20, ge=1, description="Queued or running audits one tenant may have; a new one above that gets 429.")
 
     heartbeat_seconds: float = 5.0
     stale_after_seconds: float = 120.0

@@ -83,3 +83,4 @@ PROBLEM_RESPONSES = {
     code: {"model": Problem, "description": HTTPStatus(code).phrase, "content": {PROBLEM_MEDIA_TYPE: {}}}
     for code in (400, 401, 404, 413, 415, 422)
 }
+QUOTA_RESPONSES = {429: PROBLEM_RESPONSES[400] | {"description": "Too many active audits for this tenant (see Retry-After)"}}
