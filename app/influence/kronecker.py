@@ -293,14 +293,25 @@ class KroneckerEstimator(Estimator):
     def _squared_rotated_grads(self, layer, a, s):
         """Squared rotated gradients, as (start, "rank1", u (B, d_out), v (B, d_in)) for one-position
         layers, or (start, "full", G~^2 (b, d_out, d_in), None) in chunks of the batch."""
-        a, s = self._rotated(layer, a, s)
-        if a.shape[1] == 1:
+        T = a.shape[1]
+        if T == 1:
+            a, s = self._rotated(layer, a, s)
             yield 0, "rank1", s[:, 0].pow(2), a[:, 0].pow(2)
             return
+        # G~ = Q_S^T (sum_t s_t a_t^T) Q_A: rotating the T positions first costs T (d_in^2 + d_out^2) per
+        # example, rotating the formed gradient d_out d_in (d_in + d_out); convolutions usually have
+        # T > d_out, where forming first is several times cheaper.
+        d_in, d_out = a.shape[2], s.shape[2]
+        form_first = self.rotate and T * (d_in * d_in + d_out * d_out) > d_out * d_in * (d_in + d_out)
+        if not form_first:
+            a, s = self._rotated(layer, a, s)
         step = max(1, CHUNK_ELEMENTS // (layer.d_out * layer.d_in))
         for start in range(0, a.shape[0], step):
             g = torch.einsum("bto,bti->boi", s[start : start + step], a[start : start + step])
-            yield start, "full", g.pow(2), None
+            if form_first:
+                st = self.state[layer.name]
+                g = st["QS"].T @ g @ st["QA"]
+            yield start, "full", g.pow_(2), None
 
     def accumulate(self, stage, inputs, targets, partial: Partial | None) -> Partial:
         out: Partial = {}
