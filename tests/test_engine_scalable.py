@@ -194,3 +194,24 @@ def test_one_pass_plan_matches_streaming():
     est = make_estimator("ekfac", model, CrossEntropyOutput(), EstimatorOptions(cache_bytes=1000), torch.device("cpu"))
     est.prepare(BatchSource(x, y, 32, torch.device("cpu")))
     assert not est.one_pass and est.num_passes == 2  # over budget: stream
+
+
+def test_automatic_batch_size_bounds_a_convolutional_batch_by_its_unfolded_patches():
+    from app.influence.audit import BATCH_STATE_BYTES, auto_batch_size
+    from app.influence.base import EstimatorOptions
+    from app.influence.losses import output_loss
+    from app.influence.registry import make_estimator
+
+    def batch_for(model, shape):
+        estimator = make_estimator("ekfac", model, output_loss("cross_entropy"), EstimatorOptions(), torch.device("cpu"))
+        example = torch.randn(1, *shape)
+        return auto_batch_size(estimator, 10, example), estimator.captured_bytes_per_example(example)
+
+    mlp_batch, _ = batch_for(nn.Sequential(nn.Linear(20, 16), nn.ReLU(), nn.Linear(16, 10)), (20,))
+    assert mlp_batch == 2048  # layer-sized state: large batches
+    # 3x32x32 images through 3x3 convolutions: each example unfolds to ~2 MB of patches
+    cnn = nn.Sequential(nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(),
+                        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 10))
+    cnn_batch, per_example = batch_for(cnn, (3, 32, 32))
+    assert per_example == 1024 * (28 + 32) * 4 + 1024 * (289 + 64) * 4 + (65 + 10) * 4
+    assert 8 <= cnn_batch < 2048 and cnn_batch * per_example <= BATCH_STATE_BYTES

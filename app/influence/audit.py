@@ -61,13 +61,22 @@ def pick_device(requested: str | None) -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def auto_batch_size(estimator: Estimator, num_outputs: int) -> int:
-    """Large batches for the blockwise estimators (their per-batch state is layer-sized); for methods
-    that form per-example Jacobians or gradients (B x C x P), a batch whose Jacobians stay near 64 MiB."""
+BATCH_STATE_BYTES = 768 * 1024**2  # what one batch's captured layer inputs/gradients may take
+
+
+def auto_batch_size(estimator: Estimator, num_outputs: int, example: torch.Tensor | None = None) -> int:
+    """Large batches for the blockwise estimators, as long as one batch's captured layer state
+    (unfolded convolution patches grow with the image: T x d_in per layer) stays near
+    BATCH_STATE_BYTES; for methods that form per-example Jacobians or gradients (B x C x P), a batch
+    whose Jacobians stay near 64 MiB."""
     from .kronecker import KroneckerEstimator
 
     if isinstance(estimator, KroneckerEstimator) and not estimator.fallback_names:
-        return 2048
+        if example is None:
+            return 2048
+        # x3: the autograd graph's own saved activations, rotated copies and chunks besides the capture
+        per_example = 3 * estimator.captured_bytes_per_example(example)
+        return int(max(8, min(2048, BATCH_STATE_BYTES // max(1, per_example))))
     per_example = max(1, estimator.num_parameters * num_outputs)
     return int(max(8, min(1024, (16 * 1024**2) // per_example)))
 
@@ -121,7 +130,7 @@ def run_audit(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, con
         if name == "auto":
             name = "ekfac"
     estimator: Estimator = make_estimator(name, model, loss, options, device)
-    batch_size = config.batch_size or auto_batch_size(estimator, num_outputs)
+    batch_size = config.batch_size or auto_batch_size(estimator, num_outputs, inputs[:1].to(device))
     data = BatchSource(inputs, targets, batch_size, device)
     estimator.prepare(data)
     one_pass = estimator.precomputed_scores is not None or getattr(estimator, "one_pass", False)

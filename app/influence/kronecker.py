@@ -176,6 +176,17 @@ class KroneckerEstimator(Estimator):
     def num_passes(self) -> int:
         return 1 if self.one_pass else len(self.stages)
 
+    def captured_bytes_per_example(self, example: torch.Tensor) -> int:
+        """Bytes of layer inputs (unfolded patches for convolutions) and output gradients one example
+        contributes to a batch's captured state: sum over layers of T x (d_in + d_out) floats."""
+        with _Capture(self.layers) as capture, torch.no_grad():
+            self.model(example[:1])
+        total = 0
+        for layer in self.layers:
+            positions = sum(a.shape[1] for a in capture.inputs[layer.name])
+            total += positions * (layer.d_in + layer.d_out) * 4
+        return total
+
     def fit(self, data, report):
         if not self.one_pass:
             return super().fit(data, report)
