@@ -26,7 +26,8 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = 8000
 
-    max_upload_bytes: int = Field(512 * 1024 * 1024, description="Largest accepted request body (413 above).")
+    # 2 GiB: a CIFAR-sized training set (50k x 3x32x32 float32) is 614 MB uncompressed
+    max_upload_bytes: int = Field(2 * 1024**3, description="Largest accepted request body (413 above).")
     max_dataset_bytes: int = Field(4 * 1024**3, description="Largest uncompressed dataset arrays (zip-bomb guard).")
     max_examples: int = 5_000_000
     max_features: int = 10_000_000  # elements per example
