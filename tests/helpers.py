@@ -13,7 +13,8 @@ import torch
 from torch import nn
 
 
-def export_onnx(model: nn.Module, example: torch.Tensor, path: Path, dynamo: bool = True) -> Path:
+def export_onnx(model: nn.Module, example: torch.Tensor, path: Path, dynamo: bool = True,
+                opset_version: int | None = None) -> Path:
     """torch.onnx.export with a dynamic batch axis, as the README tells users to do."""
     model = model.eval()
     with warnings.catch_warnings():
@@ -23,7 +24,8 @@ def export_onnx(model: nn.Module, example: torch.Tensor, path: Path, dynamo: boo
                               dynamic_shapes=({0: torch.export.Dim("batch")},), verbose=False)
         else:
             torch.onnx.export(model, (example,), str(path), dynamo=False, input_names=["x"],
-                              dynamic_axes={"x": {0: "batch"}})
+                              dynamic_axes={"x": {0: "batch"}},
+                              **({"opset_version": opset_version} if opset_version else {}))
     return path
 
 

@@ -217,3 +217,64 @@ def test_csv_tolerates_a_bom_crlf_spaces_and_blank_lines_and_counts_rows_while_s
     with pytest.raises(ArtifactError) as err:
         load_dataset(tmp_path / "big.csv", "csv", DatasetLimits(max_examples=4000))
     assert err.value.slug == "dataset-too-large" and err.value.status == 413
+
+
+class _Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.PReLU(), nn.Linear(8, 8), nn.LayerNorm(8),
+                                      nn.Tanh())
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.head(self.features(x))
+
+
+@pytest.mark.parametrize("dynamo, opset", [(True, None), (False, None), (False, 13)])
+def test_onnx_nested_modules_and_normalisation_layers_keep_every_learned_weight(tmp_path, dynamo, opset):
+    """TorchScript exports name nodes like `/features/features.0/Gemm` (a dot inside a submodule name),
+    write BatchNormalization's training_mode attribute, and (before opset 17) spell LayerNorm out as
+    elementwise ops; LayerNorm and PReLU weights arrive as initializers. All of it must load, and every
+    learned weight must be a parameter the audit sees (BatchNorm's running statistics are not)."""
+    from app.influence import AuditConfig, run_audit
+
+    torch.manual_seed(0)
+    model = _Block()
+    model.features[1].running_mean.uniform_(-0.5, 0.5)
+    model.features[1].running_var.uniform_(0.5, 2.0)
+    model.eval()
+    x = torch.randn(40, 6)
+    loaded = load_onnx(export_onnx(model, x[:2], tmp_path / "m.onnx", dynamo=dynamo, opset_version=opset))
+    learned = sum(p.numel() for p in model.parameters())
+    bn = model.features[1]
+    # an exporter may fold the BatchNorm into the Linear before it: then its 16 affine weights are gone
+    assert loaded.num_parameters in (learned, learned - bn.weight.numel() - bn.bias.numel())
+    assert all("." not in name for name, _ in loaded.module.named_children())
+    torch.testing.assert_close(loaded.module(x), model(x), atol=1e-5, rtol=1e-4)
+    y = model(x).argmax(1)
+    for method in ("ekfac", "lanczos", "exact"):
+        result = run_audit(loaded.module, x, y, AuditConfig(method=method, lanczos_rank=8))
+        assert torch.isfinite(result.scores).all()
+        if method == "ekfac":  # LayerNorm/PReLU/BatchNorm weights: the documented diagonal fallback, listed
+            fallback = [layer for layer in result.summary["estimator"]["layers"] if "fallback" in layer["treatment"]]
+            assert fallback and fallback[0]["num_parameters"] == loaded.num_parameters - sum(
+                m.weight.numel() + m.bias.numel() for m in model.modules() if isinstance(m, nn.Linear))
+
+
+def test_onnx_exported_in_training_mode_is_refused(tmp_path):
+    import onnx
+
+    model = nn.Sequential(nn.Linear(4, 5), nn.BatchNorm1d(5), nn.Linear(5, 3)).eval()
+    path = export_onnx(model, torch.randn(2, 4), tmp_path / "m.onnx", dynamo=False)
+    proto = onnx.load(str(path))
+    for node in proto.graph.node:
+        if node.op_type == "BatchNormalization":
+            for attribute in node.attribute:
+                if attribute.name == "training_mode":
+                    attribute.i = 1
+            if not any(a.name == "training_mode" for a in node.attribute):
+                node.attribute.append(onnx.helper.make_attribute("training_mode", 1))
+    onnx.save(proto, str(path))
+    with pytest.raises(ArtifactError) as err:
+        load_onnx(path)
+    assert err.value.slug == "onnx-training-mode"

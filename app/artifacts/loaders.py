@@ -152,6 +152,66 @@ def _check_parameters(module: nn.Module) -> int:
     return count
 
 
+def _drop_inference_batchnorm_mode(proto) -> None:
+    """The TorchScript exporter (opset 14+) writes BatchNormalization's `training_mode=0`, which is the
+    default but which onnx2pytorch refuses to read: drop it. A model exported in training mode is refused."""
+    for node in proto.graph.node:
+        if node.op_type != "BatchNormalization":
+            continue
+        for attribute in list(node.attribute):
+            if attribute.name == "training_mode":
+                if attribute.i:
+                    raise ArtifactError("onnx-training-mode",
+                                        "the model was exported in training mode (BatchNormalization training_mode=1); "
+                                        "call model.eval() before torch.onnx.export")
+                node.attribute.remove(attribute)
+
+
+def _dotless_submodule_names(module: nn.Module) -> None:
+    """onnx2pytorch names submodules after ONNX nodes, which the TorchScript exporter writes as paths
+    such as `/features/features.0/Gemm`; a dot inside a submodule's name breaks every dotted-path
+    lookup (named_parameters -> functional_call, get_submodule). Rename, and keep its node mapping."""
+    renamed, taken = {}, set(module._modules)
+    for name in list(module._modules):
+        if "." not in name:
+            continue
+        new = name.replace(".", "_")
+        while new in taken:
+            new += "_"
+        taken.add(new)
+        renamed[name] = new
+    if not renamed:
+        return
+    module._modules = type(module._modules)((renamed.get(k, k), v) for k, v in module._modules.items())
+    module.mapping = {op: renamed.get(name, name) for op, name in module.mapping.items()}
+
+
+# ONNX operators whose initializer inputs at these positions are learned weights. onnx2pytorch keeps
+# every initializer as a buffer, so without this they would silently drop out of the audit.
+_LEARNED_INPUTS = {"LayerNormalization": (1, 2), "GroupNormalization": (1, 2), "InstanceNormalization": (1, 2),
+                   "PRelu": (1,)}
+
+
+def _learned_initializers_as_parameters(module: nn.Module, proto) -> None:
+    from onnx2pytorch.convert.operations import get_buffer_name
+
+    sizes = {t.name: math.prod(t.dims) for t in proto.graph.initializer}
+    for node in proto.graph.node:
+        positions = _LEARNED_INPUTS.get(node.op_type, ())
+        if node.op_type in ("Mul", "Add"):
+            # a normalisation layer written out as elementwise ops (opsets before LayerNormalization):
+            # its per-feature scale and shift are vectors; scalar constants (epsilon, 2.0) are not weights
+            positions = tuple(i for i, name in enumerate(node.input) if sizes.get(name, 0) > 1)
+        for position in positions:
+            if position >= len(node.input) or node.input[position] not in sizes:
+                continue
+            key = get_buffer_name(node.input[position])
+            buffer = module._buffers.get(key)
+            if buffer is not None and buffer.is_floating_point():
+                del module._buffers[key]
+                module.register_parameter(key, nn.Parameter(buffer.detach().clone()))
+
+
 def load_onnx(path: Path) -> LoadedModel:
     import onnx
     from onnx2pytorch import ConvertModel
@@ -181,12 +241,15 @@ def load_onnx(path: Path) -> LoadedModel:
         if not d.HasField("dim_value") or d.dim_value <= 0:
             raise ArtifactError("onnx-signature", "every input axis after the batch axis must have a fixed size")
         input_shape.append(int(d.dim_value))
+    _drop_inference_batchnorm_mode(proto)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             module = ConvertModel(proto, experimental=True)
     except Exception as exc:
         raise ArtifactError("unsupported-onnx", f"the ONNX model could not be converted to PyTorch modules: {exc}") from exc
+    _dotless_submodule_names(module)
+    _learned_initializers_as_parameters(module, proto)
     module.eval()
     num_parameters = _check_parameters(module)
     num_outputs = _smoke_test(module, input_shape)
