@@ -215,3 +215,14 @@ def test_automatic_batch_size_bounds_a_convolutional_batch_by_its_unfolded_patch
     cnn_batch, per_example = batch_for(cnn, (3, 32, 32))
     assert per_example == 1024 * (28 + 32) * 4 + 1024 * (289 + 64) * 4 + (65 + 10) * 4
     assert 8 <= cnn_batch < 2048 and cnn_batch * per_example <= BATCH_STATE_BYTES
+
+
+def test_a_model_that_is_one_linear_layer_is_counted_once():
+    torch.manual_seed(0)
+    x, y = torch.randn(64, 5), torch.randint(0, 3, (64,))
+    bare = nn.Linear(5, 3)
+    wrapped = nn.Sequential(bare)
+    for method in ("identity", "diagonal", "ekfac"):
+        a = run_audit(bare, x, y, AuditConfig(method=method)).scores
+        b = run_audit(wrapped, x, y, AuditConfig(method=method)).scores
+        torch.testing.assert_close(a, b)

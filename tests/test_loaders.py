@@ -278,3 +278,23 @@ def test_onnx_exported_in_training_mode_is_refused(tmp_path):
     with pytest.raises(ArtifactError) as err:
         load_onnx(path)
     assert err.value.slug == "onnx-training-mode"
+
+
+class _BakedScaling(nn.Module):
+    """Input standardisation stored as buffers (x * scale + shift): constants, not weights."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("scale", torch.linspace(0.5, 2.0, 6))
+        self.register_buffer("shift", torch.linspace(-1.0, 1.0, 6))
+        self.net = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))
+
+    def forward(self, x):
+        return self.net(x * self.scale + self.shift)
+
+
+@pytest.mark.parametrize("dynamo", [True, False])
+def test_onnx_constants_a_model_multiplies_by_are_not_audited_as_weights(tmp_path, dynamo):
+    model = _BakedScaling().eval()
+    loaded = load_onnx(export_onnx(model, torch.randn(2, 6), tmp_path / "m.onnx", dynamo=dynamo))
+    assert loaded.num_parameters == sum(p.numel() for p in model.parameters())

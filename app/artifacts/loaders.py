@@ -196,12 +196,29 @@ def _learned_initializers_as_parameters(module: nn.Module, proto) -> None:
     from onnx2pytorch.convert.operations import get_buffer_name
 
     sizes = {t.name: math.prod(t.dims) for t in proto.graph.initializer}
+    producer = {output: node for node in proto.graph.node for output in node.output}
+
+    def made_by(name: str, op_type: str):
+        node = producer.get(name)
+        return node if node is not None and node.op_type == op_type else None
+
+    scale_nodes = set()  # ids of Mul nodes that scale a normalised tensor
     for node in proto.graph.node:
         positions = _LEARNED_INPUTS.get(node.op_type, ())
+        # LayerNorm written out as elementwise ops (opsets before LayerNormalization):
+        # y = Div(x - mean, Sqrt(var + eps)) * gamma + beta. Only gamma and beta are weights; other
+        # constants a model multiplies or adds (baked input scaling, epsilon) are not.
         if node.op_type in ("Mul", "Add"):
-            # a normalisation layer written out as elementwise ops (opsets before LayerNormalization):
-            # its per-feature scale and shift are vectors; scalar constants (epsilon, 2.0) are not weights
-            positions = tuple(i for i, name in enumerate(node.input) if sizes.get(name, 0) > 1)
+            tensors = [i for i, name in enumerate(node.input) if sizes.get(name, 0) > 1]
+            others = [name for name in node.input if name not in sizes]
+            if len(tensors) == 1 and len(others) == 1:
+                if node.op_type == "Mul":
+                    div = made_by(others[0], "Div")
+                    if div is not None and len(div.input) == 2 and made_by(div.input[1], "Sqrt") is not None:
+                        positions = tuple(tensors)
+                        scale_nodes.add(id(node))
+                elif id(producer.get(others[0])) in scale_nodes:
+                    positions = tuple(tensors)
         for position in positions:
             if position >= len(node.input) or node.input[position] not in sizes:
                 continue

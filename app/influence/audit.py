@@ -8,6 +8,7 @@ Scores follow kronfluence's convention: s_i = g_i^T (G + lambda I)^-1 g_i with G
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -247,7 +248,20 @@ def run_audit(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, con
         summary["num_disagreeing_with_model"] = int((predicted_t != targets.cpu().long()).sum())
     return AuditResult(scores=scores, self_influence=raw if estimator.uses_curvature else None,
                        losses=losses_t, predicted=predicted_t, given_probability=given_prob_t,
-                       flagged=order[:num_flags], damping=estimator.damping, summary=summary, extras=extras)
+                       flagged=order[:num_flags], damping=estimator.damping, summary=json_safe(summary),
+                       extras=extras)
+
+
+def json_safe(value):
+    """The summary is stored as JSON: non-finite floats (which strict JSON and PostgreSQL refuse)
+    become null, recursively."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
 
 
 def verify_against_pbrf(model, loss, inputs, targets, indices: list[int], estimates: torch.Tensor, damping: float,
@@ -258,20 +272,36 @@ def verify_against_pbrf(model, loss, inputs, targets, indices: list[int], estima
     if damping <= 0:
         damping = 1e-3  # identity has no damping of its own; the PBRF needs a proximity term
     n = inputs.shape[0]
-    epsilon = config.pbrf_epsilon if config.pbrf_epsilon is not None else -1.0 / n
+    requested = config.pbrf_epsilon
+    epsilon = requested if requested is not None else -1.0 / n
     items = []
     cpu_model = model.to("cpu")
     for j, index in enumerate(indices):
-        solution = solve_pbrf(cpu_model, loss, inputs.cpu(), targets.cpu(), index, epsilon, damping,
-                              weight_decay=config.weight_decay)
-        items.append({"index": index, "estimate": float(estimates[index]), "pbrf": solution.self_influence,
-                      "pbrf_gradient_norm": solution.gradient_norm})
+        # Removal (eps = -1/N) rewards raising the example's own loss; on a model with more parameters
+        # than the damping can hold, that objective is unbounded below and L-BFGS runs off to inf/NaN.
+        # Then the response is measured closer to eps -> 0 (where it tends to the influence), and the
+        # item says which eps it used; an explicit pbrf_epsilon is never changed.
+        item_epsilon, solution = epsilon, None
+        for _ in range(1 if requested is not None else 4):
+            solution = solve_pbrf(cpu_model, loss, inputs.cpu(), targets.cpu(), index, item_epsilon, damping,
+                                  weight_decay=config.weight_decay)
+            if math.isfinite(solution.self_influence) and math.isfinite(solution.gradient_norm):
+                break
+            item_epsilon /= 10
+        converged = math.isfinite(solution.self_influence) and math.isfinite(solution.gradient_norm)
+        items.append({"index": index, "estimate": float(estimates[index]),
+                      "pbrf": solution.self_influence if converged else None,
+                      "pbrf_gradient_norm": solution.gradient_norm if converged else None,
+                      "epsilon": item_epsilon, "diverged": not converged})
         report((j + 1) / len(indices))
-    est = torch.tensor([i["estimate"] for i in items], dtype=torch.float64)
-    ref = torch.tensor([i["pbrf"] for i in items], dtype=torch.float64)
-    return {"num_examples": len(items), "epsilon": epsilon, "damping": damping,
+    finite = [i for i in items if not i["diverged"]]
+    est = torch.tensor([i["estimate"] for i in finite], dtype=torch.float64)
+    ref = torch.tensor([i["pbrf"] for i in finite], dtype=torch.float64)
+    return {"num_examples": len(items), "num_diverged": len(items) - len(finite), "epsilon": epsilon,
+            "num_at_smaller_epsilon": sum(1 for i in finite if i["epsilon"] != epsilon), "damping": damping,
             "pearson": _pearson(est, ref), "spearman": _pearson(_ranks(est), _ranks(ref)), "items": items,
-            "note": "pbrf = -(L(z, theta_eps) - L(z, theta_s)) / eps from a direct L-BFGS solve of the PBRF objective"}
+            "note": "pbrf = -(L(z, theta_eps) - L(z, theta_s)) / eps from a direct L-BFGS solve of the PBRF "
+                    "objective; correlations over the items whose solve converged"}
 
 
 def _ranks(values: torch.Tensor) -> torch.Tensor:

@@ -54,7 +54,8 @@ class _Layer:
             k = module.kernel_size
             self.d_in = module.in_channels * k[0] * k[1] + int(self.has_bias)
             self.d_out = module.out_channels
-        self.param_names = [f"{name}.weight"] + ([f"{name}.bias"] if self.has_bias else [])
+        prefix = f"{name}." if name else ""  # the model itself may be the layer
+        self.param_names = [f"{prefix}weight"] + ([f"{prefix}bias"] if self.has_bias else [])
 
     def activations(self, x: torch.Tensor) -> torch.Tensor:
         """Layer input -> (B, T, d_in) with a ones column for the bias."""
