@@ -132,3 +132,30 @@ def test_ekfac_back_end_agrees_with_exact():
     print(f"loo ekfac vs exact: Spearman {rho:.3f}, same suggested label {same_suggestion:.3f}")
     assert rho > 0.9 and same_suggestion > 0.9
     assert ekfac.summary["out_of_sample"]["examples_with_clipped_eigenvalues"] == 0
+
+
+def test_loo_with_approximate_curvature_warns_when_it_calls_most_labels_wrong():
+    """An over-parameterised CNN that fits all 300 examples: the EK-FAC leverage overshoots and most
+    examples look mislabeled; the summary must say so (exact curvature stays sane on the same model)."""
+    import zlib
+
+    seed = zlib.crc32(b"cnn_3x16x16")  # the architecture sweep's case that showed it
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    centers = rng.normal(size=(6, 768)) * 1.5
+    labels = rng.integers(0, 6, size=300)
+    inputs = (centers[labels] + rng.normal(size=(300, 768))).astype(np.float32).reshape(300, 3, 16, 16)
+    labels = np.where(rng.random(300) < 0.05, rng.integers(0, 6, size=300), labels)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(8, 8, 3, padding=1),
+                          nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(8 * 4 * 4, 6))
+    x, y = torch.from_numpy(inputs), torch.from_numpy(labels)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(60):
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        optimizer.step()
+    model.eval()
+    approximate = run_audit(model, x, y, AuditConfig(method="loo", curvature="ekfac")).summary["out_of_sample"]
+    exact = run_audit(model, x, y, AuditConfig(method="loo", curvature="exact")).summary["out_of_sample"]
+    assert approximate["num_label_issues"] > 150 and "implausible" in approximate["warning"]
+    assert exact["num_label_issues"] < 100 and "warning" not in exact

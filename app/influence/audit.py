@@ -354,5 +354,11 @@ def _out_of_sample_pass(estimator, loss, data, targets, n, step):
         num_issues, thresholds, joint = confident_learning(probs, targets.cpu(), probs.shape[1])
         summary.update(num_label_issues=num_issues, class_thresholds=[round(float(t), 6) for t in thresholds],
                        out_of_sample_accuracy_vs_given=float((probs.argmax(1) == targets.cpu().long()).double().mean()))
+        if estimator.name != "exact" and num_issues > 0.5 * n:
+            # Seen on over-parameterised CNNs that fit every example: the approximate curvature is far
+            # too small along an example's own directions, the step overshoots and most labels look wrong.
+            summary["warning"] = (f"{num_issues} of {n} examples look mislabeled, which is implausible: the "
+                                  f"{estimator.name} leverage overshoots on this model. Use curvature 'exact' "
+                                  "(models up to the exact size limit) or a self-influence method such as ekfac.")
     raw = torch.cat(first_order)
     return raw, 1.0 - given_p_t, extras, summary
