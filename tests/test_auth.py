@@ -62,6 +62,10 @@ def test_tenants_never_see_each_other(secured, acme_objects):
             assert_problem(globex.get(path), 404, "not-found")
             assert acme.get(path).status_code == 200, path
         assert_problem(globex.post(f"/v1/audits/{acme_objects['audit']}/cancel"), 404)
+        for path in (f"/v1/audits/{acme_objects['audit']}", f"/v1/models/{acme_objects['model']}",
+                     f"/v1/datasets/{acme_objects['dataset']}"):
+            assert_problem(globex.delete(path), 404, "not-found")
+            assert acme.get(path).status_code == 200, path
         assert_problem(globex.post("/v1/audits", json={"model_id": acme_objects["model"],
                                                        "dataset_id": acme_objects["dataset"]}), 404)
         assert globex.get("/v1/models").json() == [] and globex.get("/v1/audits").json()["items"] == []

@@ -25,7 +25,8 @@ STALE_AFTER = 60
 def fast_reaper_service(request, tmp_path_factory):
     pg = request.getfixturevalue("postgres_url") if request.param == "postgres_redis" else None
     env = _service_env(request.param, pg) | {"PBRF_STALE_AFTER_SECONDS": str(STALE_AFTER), "PBRF_REAPER_INTERVAL_SECONDS": "1",
-                                             "PBRF_HEARTBEAT_SECONDS": "0.5", "PBRF_MAX_ACTIVE_AUDITS_PER_TENANT": "2"}
+                                             "PBRF_HEARTBEAT_SECONDS": "0.5", "PBRF_MAX_ACTIVE_AUDITS_PER_TENANT": "2",
+                                             "PBRF_GARBAGE_GRACE_SECONDS": "2"}
     svc = Service(env, tmp_path_factory.mktemp(f"reaper-{request.param}"))
     svc.start()
     yield svc
@@ -120,3 +121,44 @@ def test_a_tenant_over_its_active_audit_quota_gets_429_until_one_ends(fast_reape
         assert third.status_code == 202
         for audit in (second, third.json()):
             client.post(f"/v1/audits/{audit['id']}/cancel")
+
+
+def test_delete_refuses_what_is_in_use_and_removes_the_rest_with_its_stored_bytes(fast_reaper_service, slow_job,
+                                                                                  tmp_path_factory):
+    inputs, labels = synthetic_classification(n=120, features=4, classes=3, seed=11)
+    path = export_onnx(quick_mlp(inputs, labels, hidden=6), torch.from_numpy(inputs[:2]),
+                       tmp_path_factory.mktemp("delete") / "m.onnx")
+    store = fast_reaper_service.data_dir / "artifacts"
+    with fast_reaper_service.client() as client:
+        model = upload_model(client, path).json()
+        dataset = upload_dataset(client, npz_bytes(inputs=inputs, labels=labels)).json()
+        done, _ = wait_for_audit(client, client.post("/v1/audits", json={
+            "model_id": model["id"], "dataset_id": dataset["id"], "method": "identity"}).json()["id"], timeout=60)
+        assert done["status"] == "succeeded"
+
+        # in use: a queued or running audit keeps its audit, model and dataset
+        slow = client.post("/v1/audits", json=slow_job).json()
+        assert_problem(client.delete(f"/v1/audits/{slow['id']}"), 409, "audit-active")
+        assert_problem(client.delete(f"/v1/models/{slow_job['model_id']}"), 409, "model-in-use")
+        assert_problem(client.delete(f"/v1/datasets/{slow_job['dataset_id']}"), 409, "dataset-in-use")
+        client.post(f"/v1/audits/{slow['id']}/cancel")
+
+        assert client.delete(f"/v1/audits/{done['id']}").status_code == 204
+        assert_problem(client.get(f"/v1/audits/{done['id']}"), 404, "not-found")
+        assert_problem(client.delete(f"/v1/audits/{done['id']}"), 404, "not-found")
+        again, _ = wait_for_audit(client, client.post("/v1/audits", json={
+            "model_id": model["id"], "dataset_id": dataset["id"], "method": "identity"}).json()["id"], timeout=60)
+        assert client.delete(f"/v1/datasets/{dataset['id']}").status_code == 204  # takes its finished audit along
+        assert_problem(client.get(f"/v1/audits/{again['id']}"), 404, "not-found")
+        assert client.delete(f"/v1/models/{model['id']}").status_code == 204
+        assert_problem(client.get(f"/v1/models/{model['id']}"), 404, "not-found")
+        assert client.get(f"/v1/models/{slow_job['model_id']}").status_code == 200  # others untouched
+
+        # the worker's collector removes the bytes nothing refers to any more (grace 2 s here)
+        gone = {model["sha256"], dataset["sha256"]}
+        deadline = time.monotonic() + 30
+        while any((store / sha[:2] / sha).exists() for sha in gone) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert not any((store / sha[:2] / sha).exists() for sha in gone)
+        kept = client.get(f"/v1/models/{slow_job['model_id']}").json()["sha256"]
+        assert (store / kept[:2] / kept).exists()

@@ -27,6 +27,18 @@ def send_audit(audit_id: uuid.UUID) -> None:
     celery_app.send_task(RUN_AUDIT, args=[str(audit_id)])
 
 
+def _collect_garbage(settings) -> None:
+    """Stored bytes of deleted models, datasets and audits: removed once no row refers to them."""
+    from app.audits.service import referenced_digests
+    from app.core.storage import ArtifactStore
+
+    with get_sessionmaker()() as session:
+        referenced = referenced_digests(session)
+    removed = ArtifactStore(settings.storage_dir).collect_garbage(referenced, settings.garbage_grace_seconds)
+    if removed:
+        log.info("removed %d stored files no longer referenced", len(removed))
+
+
 def _reaper_loop() -> None:
     settings = get_settings()
     while True:
@@ -34,6 +46,7 @@ def _reaper_loop() -> None:
             requeued = reap(get_sessionmaker(), settings, send_audit)
             if requeued:
                 log.warning("reaper re-enqueued audits %s", [str(a) for a in requeued])
+            _collect_garbage(settings)
         except Exception:
             log.exception("reaper pass failed")
         if _reaper_stop.wait(settings.reaper_interval_seconds):

@@ -55,6 +55,33 @@ def get_model(model_id: uuid.UUID, session: SessionDep, tenant: TenantDep):
     return row
 
 
+IN_USE_RESPONSES = {409: PROBLEM_RESPONSES[400] | {"description": "A queued or running audit uses it"}}
+
+
+@router.delete("/models/{model_id}", status_code=204, tags=["models"], responses=IN_USE_RESPONSES,
+               summary="Delete a model and the finished audits made from it")
+def delete_model(model_id: uuid.UUID, session: SessionDep, tenant: TenantDep):
+    from app.audits.service import delete_input
+
+    row = repository.get_model(session, tenant, model_id)
+    if row is None:
+        raise not_found("model", model_id)
+    delete_input(session, tenant, row, "model")
+    return Response(status_code=204)
+
+
+@router.delete("/datasets/{dataset_id}", status_code=204, tags=["datasets"], responses=IN_USE_RESPONSES,
+               summary="Delete a dataset and the finished audits made from it")
+def delete_dataset(dataset_id: uuid.UUID, session: SessionDep, tenant: TenantDep):
+    from app.audits.service import delete_input
+
+    row = repository.get_dataset(session, tenant, dataset_id)
+    if row is None:
+        raise not_found("dataset", dataset_id)
+    delete_input(session, tenant, row, "dataset")
+    return Response(status_code=204)
+
+
 @router.get("/models", response_model=list[ModelOut], tags=["models"])
 def list_models(session: SessionDep, tenant: TenantDep, limit: Annotated[int, Query(ge=1, le=500)] = 100):
     return repository.list_models(session, tenant, limit)

@@ -69,6 +69,13 @@ def get_audit(audit_id: uuid.UUID, session: SessionDep, tenant: TenantDep, respo
     return audit
 
 
+@router.delete("/audits/{audit_id}", status_code=204, tags=["audits"], responses=RESULT_RESPONSES,
+               summary="Delete a finished audit and its results (cancel a queued or running one first)")
+def delete_audit(audit_id: uuid.UUID, session: SessionDep, tenant: TenantDep):
+    service.delete_audit(session, _audit_or_404(session, tenant, audit_id))
+    return Response(status_code=204)
+
+
 @router.post("/audits/{audit_id}/cancel", response_model=AuditOut, tags=["audits"], responses=RESULT_RESPONSES,
              summary="Cancel a queued or running audit (a running one stops at its next batch boundary)")
 def cancel_audit(audit_id: uuid.UUID, session: SessionDep, tenant: TenantDep):

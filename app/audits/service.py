@@ -8,7 +8,7 @@ from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
-from sqlalchemy import func, select, update
+from sqlalchemy import delete, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from app.artifacts import repository as artifacts
@@ -19,7 +19,7 @@ from app.core.timeutil import utcnow
 from app.influence.registry import available_methods
 
 from .schemas import TERMINAL, AuditCreate
-from .tables import Audit
+from .tables import Audit, AuditFlag
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +90,50 @@ def cancel_audit(session: Session, audit: Audit) -> Audit:
     if result.rowcount == 0:
         raise ProblemError(409, "audit-finished", f"the audit already ended ({audit.status})")
     return audit
+
+
+ACTIVE = ("queued", "running")
+
+
+def delete_audit(session: Session, audit: Audit) -> None:
+    """Remove a finished audit and its results (the stored scores file goes with the next garbage
+    collection once nothing refers to it). A queued or running audit must be cancelled first."""
+    if audit.status in ACTIVE:
+        raise ProblemError(409, "audit-active", f"the audit is {audit.status}; cancel it before deleting it")
+    # compare-and-set: an audit that a racing request re-queued is not deleted under it
+    session.execute(delete(AuditFlag).where(AuditFlag.audit_id == audit.id))
+    done = session.execute(delete(Audit).where(Audit.id == audit.id, Audit.status.not_in(ACTIVE)))
+    if done.rowcount != 1:
+        session.rollback()
+        raise ProblemError(409, "audit-active", "the audit is queued or running; cancel it before deleting it")
+    session.commit()
+
+
+def delete_input(session: Session, tenant_id: str, row, kind: str) -> None:
+    """Remove an uploaded model or dataset with the finished audits made from it. Refused (409) while an
+    audit that uses it is queued or running: the worker would lose its input."""
+    column = Audit.model_id if kind == "model" else Audit.dataset_id
+    uses = select(Audit.id).where(Audit.tenant_id == tenant_id, column == row.id)
+    active = session.scalars(uses.where(Audit.status.in_(ACTIVE)).limit(1)).first()
+    if active is not None:
+        raise ProblemError(409, f"{kind}-in-use", f"audit {active} is queued or running on this {kind}; "
+                           "cancel it or wait for it to finish before deleting")
+    finished = session.scalars(uses).all()
+    if finished:
+        session.execute(delete(AuditFlag).where(AuditFlag.audit_id.in_(finished)))
+        session.execute(delete(Audit).where(Audit.id.in_(finished)))
+    session.delete(row)
+    session.commit()
+
+
+def referenced_digests(session: Session) -> set[str]:
+    """Every stored file a row still points at (the garbage collector keeps these)."""
+    from app.artifacts.tables import DatasetArtifact, ModelArtifact
+
+    digests = set(session.scalars(select(ModelArtifact.sha256)))
+    digests |= set(session.scalars(select(DatasetArtifact.sha256)))
+    digests |= {d for d in session.scalars(select(Audit.scores_sha256).where(Audit.scores_sha256.is_not(None)))}
+    return digests
 
 
 def require_finished(audit: Audit) -> None:

@@ -40,6 +40,8 @@ class Settings(BaseSettings):
     heartbeat_seconds: float = 5.0
     stale_after_seconds: float = 120.0
     reaper_interval_seconds: float = 30.0
+    garbage_grace_seconds: float = Field(
+        3600.0, description="Stored files no row refers to (after a DELETE) are removed once this old.")
     task_soft_time_limit: int = 6 * 3600
     task_time_limit: int = 6 * 3600 + 300
     broker_visibility_timeout: int = 7 * 3600

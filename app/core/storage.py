@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO
@@ -63,9 +64,14 @@ class ArtifactStore:
         target = self.path_for(sha256)
         target.parent.mkdir(parents=True, exist_ok=True)
         if target.exists():
-            staged_path.unlink(missing_ok=True)
-        else:
-            os.replace(staged_path, target)
+            try:
+                os.utime(target)  # fresh again: garbage collection spares recently used files
+                staged_path.unlink(missing_ok=True)
+                return target
+            except FileNotFoundError:  # collected just now: store ours instead
+                pass
+        os.replace(staged_path, target)
+        os.utime(target)  # its mtime was the end of staging, before validation ran
         return target
 
     def put_bytes(self, data: bytes) -> str:
@@ -78,4 +84,24 @@ class ArtifactStore:
             with os.fdopen(fd, "wb") as out:
                 out.write(data)
             os.replace(name, target)
+        else:
+            os.utime(target)
         return sha
+
+    def collect_garbage(self, referenced: set[str], grace_seconds: float) -> list[str]:
+        """Delete stored files no row refers to any more (after a DELETE), once they are older than
+        `grace_seconds`: an upload or a result write stores its bytes before its row commits, and a
+        reused file is touched, so a fresh file is never taken for garbage. Returns the digests removed."""
+        removed = []
+        cutoff = time.time() - grace_seconds
+        for path in self.root.glob("??/*"):
+            sha = path.name
+            if sha in referenced or len(sha) != 64:
+                continue
+            try:
+                if path.stat().st_mtime < cutoff:
+                    path.unlink()
+                    removed.append(sha)
+            except FileNotFoundError:
+                continue
+        return removed
