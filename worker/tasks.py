@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 import uuid
 
 from celery.signals import worker_process_init, worker_ready, worker_shutting_down
@@ -27,11 +28,19 @@ def send_audit(audit_id: uuid.UUID) -> None:
     celery_app.send_task(RUN_AUDIT, args=[str(audit_id)])
 
 
+_last_collection = 0.0
+
+
 def _collect_garbage(settings) -> None:
-    """Stored bytes of deleted models, datasets and audits: removed once no row refers to them."""
+    """Stored bytes of deleted models, datasets and audits: removed once no row refers to them. It
+    reads every digest and lists the store, so it runs at most every quarter of the grace period."""
+    global _last_collection
     from app.audits.service import referenced_digests
     from app.core.storage import ArtifactStore
 
+    if time.monotonic() - _last_collection < settings.garbage_grace_seconds / 4:
+        return
+    _last_collection = time.monotonic()
     with get_sessionmaker()() as session:
         referenced = referenced_digests(session)
     removed = ArtifactStore(settings.storage_dir).collect_garbage(referenced, settings.garbage_grace_seconds)

@@ -12,6 +12,8 @@ from app.auth import idempotency
 from app.core.deps import SessionDep, SettingsDep, StoreDep, TenantDep
 from app.core.errors import PROBLEM_RESPONSES, not_found
 
+from app.audits.service import delete_input
+
 from . import repository, service
 from .schemas import DatasetOut, ModelOut
 
@@ -47,12 +49,17 @@ def upload_model(
         ModelOut, response)
 
 
+def _owned_or_404(session, tenant: str, kind: str, object_id: uuid.UUID):
+    lookup = repository.get_model if kind == "model" else repository.get_dataset
+    row = lookup(session, tenant, object_id)
+    if row is None:
+        raise not_found(kind, object_id)
+    return row
+
+
 @router.get("/models/{model_id}", response_model=ModelOut, tags=["models"])
 def get_model(model_id: uuid.UUID, session: SessionDep, tenant: TenantDep):
-    row = repository.get_model(session, tenant, model_id)
-    if row is None:
-        raise not_found("model", model_id)
-    return row
+    return _owned_or_404(session, tenant, "model", model_id)
 
 
 IN_USE_RESPONSES = {409: PROBLEM_RESPONSES[400] | {"description": "A queued or running audit uses it"}}
@@ -61,24 +68,14 @@ IN_USE_RESPONSES = {409: PROBLEM_RESPONSES[400] | {"description": "A queued or r
 @router.delete("/models/{model_id}", status_code=204, tags=["models"], responses=IN_USE_RESPONSES,
                summary="Delete a model and the finished audits made from it")
 def delete_model(model_id: uuid.UUID, session: SessionDep, tenant: TenantDep):
-    from app.audits.service import delete_input
-
-    row = repository.get_model(session, tenant, model_id)
-    if row is None:
-        raise not_found("model", model_id)
-    delete_input(session, tenant, row, "model")
+    delete_input(session, tenant, _owned_or_404(session, tenant, "model", model_id), "model")
     return Response(status_code=204)
 
 
 @router.delete("/datasets/{dataset_id}", status_code=204, tags=["datasets"], responses=IN_USE_RESPONSES,
                summary="Delete a dataset and the finished audits made from it")
 def delete_dataset(dataset_id: uuid.UUID, session: SessionDep, tenant: TenantDep):
-    from app.audits.service import delete_input
-
-    row = repository.get_dataset(session, tenant, dataset_id)
-    if row is None:
-        raise not_found("dataset", dataset_id)
-    delete_input(session, tenant, row, "dataset")
+    delete_input(session, tenant, _owned_or_404(session, tenant, "dataset", dataset_id), "dataset")
     return Response(status_code=204)
 
 
@@ -106,10 +103,7 @@ def upload_dataset(
 
 @router.get("/datasets/{dataset_id}", response_model=DatasetOut, tags=["datasets"])
 def get_dataset(dataset_id: uuid.UUID, session: SessionDep, tenant: TenantDep):
-    row = repository.get_dataset(session, tenant, dataset_id)
-    if row is None:
-        raise not_found("dataset", dataset_id)
-    return row
+    return _owned_or_404(session, tenant, "dataset", dataset_id)
 
 
 @router.get("/datasets", response_model=list[DatasetOut], tags=["datasets"])

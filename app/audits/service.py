@@ -8,7 +8,7 @@ from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
-from sqlalchemy import delete, func, or_, select, update
+from sqlalchemy import delete, func, select, update
 from sqlalchemy.orm import Session
 
 from app.artifacts import repository as artifacts
@@ -132,7 +132,7 @@ def referenced_digests(session: Session) -> set[str]:
 
     digests = set(session.scalars(select(ModelArtifact.sha256)))
     digests |= set(session.scalars(select(DatasetArtifact.sha256)))
-    digests |= {d for d in session.scalars(select(Audit.scores_sha256).where(Audit.scores_sha256.is_not(None)))}
+    digests |= set(session.scalars(select(Audit.scores_sha256).where(Audit.scores_sha256.is_not(None))))
     return digests
 
 
