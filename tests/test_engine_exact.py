@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import copy
+import json
+import os
 import subprocess
 import sys
 
@@ -77,17 +80,28 @@ def test_self_influence_is_damped_ggn_quadratic_form():
     model, x, y = tiny_problem(n=20)
     est = fitted_exact(model, x, y, damping=0.05)
     loss = CrossEntropyOutput()
-    params = trainable_parameters(model)
+    # The reference is computed in float64 from float64 gradients: the truth the engine approximates.
+    model64 = copy.deepcopy(model).double()
+    params = trainable_parameters(model64)
     grads = []
     for i in range(x.shape[0]):
         p = {k: v.clone().requires_grad_(True) for k, v in params.items()}
-        value = loss.loss(functional_call(model, p, (x[i : i + 1],)), y[i : i + 1]).sum()
-        grads.append(flatten(list(torch.autograd.grad(value, list(p.values())))).double())
+        value = loss.loss(functional_call(model64, p, (x[i : i + 1].double(),)), y[i : i + 1]).sum()
+        grads.append(flatten(list(torch.autograd.grad(value, list(p.values())))))
     g = torch.stack(grads)
-    damped = est.ggn + 0.05 * torch.eye(est.ggn.shape[0], dtype=torch.float64)
+    ggn64 = brute_force_ggn(model, x, loss)
+    damped = ggn64 + 0.05 * torch.eye(ggn64.shape[0], dtype=torch.float64)
     expected = torch.einsum("ip,ip->i", g, torch.linalg.solve(damped, g.T).T)
-    torch.testing.assert_close(est.self_influence(x, y), expected, rtol=1e-6, atol=1e-9)
+    # The engine forms gradients and Jacobians in float32 (unit roundoff 6e-8; a few dozen roundings per
+    # entry here) and solves in float64. The quadratic form doubles the gradient's relative error, and the
+    # damped solve (condition number ~1e2 at damping 0.05) can amplify it by up to its condition number:
+    # 1e-4 relative is what float32 inputs allow, whatever the CPU's summation order (1.1e-5 was seen
+    # between two x86-64 CPUs when the reference itself was float32). For a confidently fitted example the
+    # residual p - onehot(y) is a float32 difference near 1 - p, which carries an absolute error of ~1e-7
+    # however small it is: those scores are good to 1e-6 of the largest score, not to 1e-4 of their own.
+    torch.testing.assert_close(est.self_influence(x, y), expected, rtol=1e-4, atol=1e-6 * float(expected.max()))
     identity = make_estimator("identity", model, loss, EstimatorOptions(), torch.device("cpu"))
+    # squared norm of a float32 gradient against the float64 one: a few float32 roundings, 1e-5 relative
     torch.testing.assert_close(identity.self_influence(x, y), g.pow(2).sum(1), rtol=1e-5, atol=1e-7)
 
 
@@ -113,14 +127,17 @@ def test_self_influence_is_first_order_pbrf_response(loss_name):
         exact = float(est.self_influence(x[index : index + 1], y[index : index + 1])[0])
         gaps = []
         for eps in (1e-1, 1e-2, 1e-3, 1e-4):
-            sol = solve_pbrf(model, loss, x, y, index, eps, damping)
-            assert sol.gradient_norm < 1e-7, sol
+            # tanh is smooth, so the gradient can be driven far below the default (ReLU-kink) tolerance
+            sol = solve_pbrf(model, loss, x, y, index, eps, damping, tolerance=1e-9)
+            # (float64 rounding of the full-batch gradient floors it near 1e-9; the solver then stops
+            # on a stalled step and accepts up to 100x its tolerance, see pbrf._corrector)
+            assert sol.status == "converged" and sol.relative_gradient_norm <= 1e-7, sol
             gaps.append(abs(sol.self_influence - exact) / exact)
         assert gaps[0] > gaps[1] > gaps[2] > gaps[3], gaps
         assert gaps[3] < 5e-3, gaps
         # down-weighting (eps < 0, the direction of removal) converges to the same first-order object
-        down = solve_pbrf(model, loss, x, y, index, -1e-4, damping)
-        assert abs(down.self_influence - exact) / exact < 5e-3
+        down = solve_pbrf(model, loss, x, y, index, -1e-4, damping, tolerance=1e-9)
+        assert down.status == "converged" and abs(down.self_influence - exact) / exact < 5e-3
 
 
 def test_exact_refuses_large_models_with_the_limit_named():
@@ -157,14 +174,8 @@ def test_engine_imports_no_service_frameworks():
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
-def test_pbrf_verification_survives_a_removal_objective_that_is_unbounded():
-    """On an over-parameterised ReLU MLP, the removal PBRF (eps = -1/N) is unbounded below with the
-    heuristic damping and L-BFGS runs off to inf/NaN. The verification then measures closer to eps -> 0,
-    says so per item, and never reports NaN (the summary is stored as strict JSON)."""
-    import json
-
-    import numpy as np
-
+def overfit_relu_problem():
+    """An over-parameterised ReLU MLP (1,573 weights) fitted to 300 points with 5% flipped labels."""
     rng = np.random.default_rng(7)
     centers = rng.normal(size=(5, 10)) * 1.5
     labels = rng.integers(0, 5, size=300)
@@ -178,11 +189,75 @@ def test_pbrf_verification_survives_a_removal_objective_that_is_unbounded():
         optimizer.zero_grad()
         nn.functional.cross_entropy(model(inputs), targets).backward()
         optimizer.step()
-    result = run_audit(model.eval(), inputs, targets, AuditConfig(method="exact", verify_top_k=6))
+    return model.eval(), inputs, targets
+
+
+def test_pbrf_verification_says_when_removal_is_ill_posed():
+    """On an over-parameterised ReLU MLP at the heuristic damping, the removal PBRF (eps = -1/N) has no
+    local minimum near the trained weights for the top flags: the objective's Hessian at theta_s,
+    G + lambda I + eps * Hess L(z_m), is indefinite from about 4-7% of that eps on. An optimiser then runs
+    off to wherever rounding sends it (Pearson 0.99 on one CPU, -0.45 on another, before). The
+    verification must say so for each item and report no correlation, the same on every CPU."""
+    model, inputs, targets = overfit_relu_problem()
+    result = run_audit(model, inputs, targets, AuditConfig(method="exact", verify_top_k=6))
     verification = result.summary["verification"]
     json.dumps(result.summary, allow_nan=False)  # raises on NaN or inf anywhere
-    assert verification["num_at_smaller_epsilon"] + verification["num_diverged"] >= 1  # the case this is about
+    assert verification["num_ill_posed"] == 6 and verification["num_converged"] == 0
+    assert verification["pearson"] is None and verification["spearman"] is None
+    assert "indefinite" in verification["warning"]
     for item in verification["items"]:
-        assert item["diverged"] or (item["pbrf"] > 0 and abs(item["epsilon"]) <= 1 / 300)
-    # seen: all six at eps = -1/(10N), Pearson 0.99, Spearman 0.94
-    assert verification["num_diverged"] == 0 and verification["pearson"] > 0.9 and verification["spearman"] > 0.9
+        assert item["status"] == "ill_posed" and item["pbrf"] is None
+        # the critical eps lies between 0 and the requested eps (same sign, smaller magnitude)
+        assert -1 / 300 < item["critical_epsilon"] < 0
+
+
+VARIANT_SCRIPT = """
+import json, sys, torch
+from torch import nn
+from app.influence import AuditConfig, run_audit
+state = torch.load(sys.argv[1], weights_only=True)
+model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4))
+model.load_state_dict(state["model"])
+config = AuditConfig(method="exact", verify_top_k=5, pbrf_epsilon=float(sys.argv[2]))
+summary = run_audit(model.eval(), state["inputs"], state["targets"], config).summary["verification"]
+print(json.dumps(summary))
+"""
+
+
+def test_pbrf_verification_is_the_same_under_the_rounding_of_other_cpus(tmp_path):
+    """Same weights and data, verified under the kernels and threading another CPU would bring
+    (ATEN_CPU_CAPABILITY=default: no AVX2 kernels; OMP_NUM_THREADS=1: other reduction order). The local,
+    certified solve must give the same statuses and the same figures within its tolerance (1e-5 of the
+    gradient; the responses agree to ~1e-7 relative in practice, asserted at 1e-4)."""
+    rng = np.random.default_rng(3)
+    centers = rng.normal(size=(4, 8)) * 2
+    labels = rng.integers(0, 4, size=200)
+    inputs = torch.from_numpy((centers[labels] + rng.normal(size=(200, 8))).astype(np.float32))
+    targets = torch.from_numpy(np.where(rng.random(200) < 0.1, rng.integers(0, 4, size=200), labels))
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4))
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(150):
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(model(inputs), targets).backward()
+        optimizer.step()
+    state_file = tmp_path / "state.pt"
+    torch.save({"model": model.state_dict(), "inputs": inputs, "targets": targets}, state_file)
+    script = tmp_path / "verify.py"
+    script.write_text(VARIANT_SCRIPT)
+    runs = {}
+    for name, extra in {"as is": {}, "no avx2": {"ATEN_CPU_CAPABILITY": "default"},
+                        "one thread": {"OMP_NUM_THREADS": "1"}}.items():
+        env = {**os.environ, **extra}
+        out = subprocess.run([sys.executable, str(script), str(state_file), str(-0.05 / 200)], env=env,
+                             capture_output=True, text=True, check=True)
+        runs[name] = json.loads(out.stdout.strip().splitlines()[-1])
+    reference = runs["as is"]
+    assert reference["num_converged"] >= 3 and reference["pearson"] is not None, reference
+    for name, summary in runs.items():
+        assert [i["status"] for i in summary["items"]] == [i["status"] for i in reference["items"]], name
+        assert summary["pearson"] == pytest.approx(reference["pearson"], abs=1e-4), name
+        assert summary["spearman"] == pytest.approx(reference["spearman"], abs=1e-9), name
+        for item, ref in zip(summary["items"], reference["items"]):
+            if ref["pbrf"] is not None:
+                assert item["pbrf"] == pytest.approx(ref["pbrf"], rel=1e-4), name

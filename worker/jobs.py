@@ -208,6 +208,7 @@ def run_audit_job(audit_id: uuid.UUID, settings: Settings, factory: sessionmaker
                                  flag_fraction=params.get("flag_fraction"), curvature=params.get("curvature", "auto"),
                                  lanczos_rank=params.get("lanczos_rank", 64),
                                  verify_top_k=params.get("verify_top_k", 0),
+                                 pbrf_epsilon=params.get("pbrf_epsilon"),
                                  max_exact_parameters=settings.max_exact_parameters)
             result = run_audit(model, torch.from_numpy(dataset.inputs), torch.from_numpy(dataset.labels), config,
                                progress=progress)

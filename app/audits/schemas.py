@@ -27,12 +27,22 @@ class AuditCreate(BaseModel):
     lanczos_rank: int = Field(64, ge=1, le=2048, description="Eigenpairs kept by the lanczos method")
     verify_top_k: int = Field(0, ge=0, le=200, description=(
         "Solve the PBRF objective directly for this many top flags and report estimate-vs-PBRF agreement"))
+    pbrf_epsilon: float | None = Field(None, ge=-1.0, le=1.0, description=(
+        "eps of the PBRF solved by verify_top_k; null = removal, -1/N. A smaller |eps| checks the first-order "
+        "regime where removal is ill-posed (the verification summary says when)"))
     flag_fraction: float | None = Field(None, gt=0, le=1, description=(
         "Fraction of examples flagged, most suspicious first; null = the method's rule "
         "(loo: confident learning's estimated number of label issues; others: 10%)"))
     curvature: Literal["auto", "exact", "ekfac", "kfac", "diagonal", "lanczos"] = Field("auto", description=(
         "Curvature back end of the loo method; auto = ekfac (exact is the slower reference)"))
     name: str | None = Field(None, max_length=255)
+
+    @field_validator("pbrf_epsilon")
+    @classmethod
+    def _nonzero_epsilon(cls, value: float | None) -> float | None:
+        if value == 0:
+            raise ValueError("pbrf_epsilon must be non-zero (the response is a difference quotient in eps)")
+        return value
 
 
 class AuditOut(BaseModel):

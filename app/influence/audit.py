@@ -266,42 +266,64 @@ def json_safe(value):
 
 def verify_against_pbrf(model, loss, inputs, targets, indices: list[int], estimates: torch.Tensor, damping: float,
                         config: AuditConfig, report: Callable[[float], None]) -> dict:
-    """Solve the PBRF objective for each index and compare with the estimate (Pearson, Spearman)."""
-    from .pbrf import solve_pbrf
+    """Solve the PBRF objective for each index and compare with the estimate (Pearson, Spearman).
+
+    Correlations use only the items whose local PBRF minimiser was followed to the requested eps; the
+    others say why (ill-posed at that eps, or the branch could not be followed past some eps). Figures
+    are meant to be reproducible across CPUs: see pbrf.py for why the solve is local and certified."""
+    from .pbrf import CONVERGED, ILL_POSED, critical_epsilon, solve_pbrf
 
     if damping <= 0:
         damping = 1e-3  # identity has no damping of its own; the PBRF needs a proximity term
     n = inputs.shape[0]
-    requested = config.pbrf_epsilon
-    epsilon = requested if requested is not None else -1.0 / n
+    epsilon = config.pbrf_epsilon if config.pbrf_epsilon is not None else -1.0 / n
     items = []
     cpu_model = model.to("cpu")
     for j, index in enumerate(indices):
-        # Removal (eps = -1/N) rewards raising the example's own loss; on a model with more parameters
-        # than the damping can hold, that objective is unbounded below and L-BFGS runs off to inf/NaN.
-        # Then the response is measured closer to eps -> 0 (where it tends to the influence), and the
-        # item says which eps it used; an explicit pbrf_epsilon is never changed.
-        item_epsilon, solution = epsilon, None
-        for _ in range(1 if requested is not None else 4):
-            solution = solve_pbrf(cpu_model, loss, inputs.cpu(), targets.cpu(), index, item_epsilon, damping,
-                                  weight_decay=config.weight_decay)
-            if math.isfinite(solution.self_influence) and math.isfinite(solution.gradient_norm):
-                break
-            item_epsilon /= 10
-        converged = math.isfinite(solution.self_influence) and math.isfinite(solution.gradient_norm)
-        items.append({"index": index, "estimate": float(estimates[index]),
-                      "pbrf": solution.self_influence if converged else None,
-                      "pbrf_gradient_norm": solution.gradient_norm if converged else None,
-                      "epsilon": item_epsilon, "diverged": not converged})
+        data = (cpu_model, loss, inputs.cpu(), targets.cpu(), index)
+        critical = critical_epsilon(*data, math.copysign(1.0, epsilon), damping, weight_decay=config.weight_decay)
+        item = {"index": index, "estimate": float(estimates[index]), "critical_epsilon": critical}
+        if critical is not None and abs(epsilon) >= abs(critical):
+            # Not solved: whatever minimiser a solver finds out there is not what the estimate describes,
+            # and finding it is slow and rounding-sensitive (kinks, folds).
+            item.update(status=ILL_POSED, pbrf=None)
+        else:
+            solution = solve_pbrf(*data, epsilon, damping, weight_decay=config.weight_decay)
+            converged = solution.status == CONVERGED
+            item.update(status=solution.status, pbrf=solution.self_influence if converged else None,
+                        relative_gradient_norm=solution.relative_gradient_norm, distance=solution.distance)
+            if not converged and solution.reached_epsilon != 0:
+                item.update(reached_epsilon=solution.reached_epsilon,
+                            pbrf_at_reached_epsilon=solution.self_influence)
+        items.append(item)
         report((j + 1) / len(indices))
-    finite = [i for i in items if not i["diverged"]]
+    finite = [i for i in items if i["status"] == CONVERGED]
     est = torch.tensor([i["estimate"] for i in finite], dtype=torch.float64)
     ref = torch.tensor([i["pbrf"] for i in finite], dtype=torch.float64)
-    return {"num_examples": len(items), "num_diverged": len(items) - len(finite), "epsilon": epsilon,
-            "num_at_smaller_epsilon": sum(1 for i in finite if i["epsilon"] != epsilon), "damping": damping,
-            "pearson": _pearson(est, ref), "spearman": _pearson(_ranks(est), _ranks(ref)), "items": items,
-            "note": "pbrf = -(L(z, theta_eps) - L(z, theta_s)) / eps from a direct L-BFGS solve of the PBRF "
-                    "objective; correlations over the items whose solve converged"}
+    counts = {status: sum(1 for i in items if i["status"] == status)
+              for status in ("converged", "ill_posed", "branch_ended", "not_converged")}
+    enough = len(finite) >= 3  # a correlation over fewer items says nothing
+    summary = {"num_examples": len(items), "num_converged": counts["converged"], "num_ill_posed": counts["ill_posed"],
+               "num_branch_ended": counts["branch_ended"], "num_not_converged": counts["not_converged"],
+               "epsilon": epsilon, "damping": damping,
+               "pearson": _pearson(est, ref) if enough else None,
+               "spearman": _pearson(_ranks(est), _ranks(ref)) if enough else None, "items": items,
+               "note": "pbrf = -(L(z, theta_eps) - L(z, theta_s)) / eps at the local minimiser of the PBRF objective "
+                       "that starts at theta_s, followed by continuation in eps with certified Newton steps; "
+                       "correlations over the items solved at the requested eps (at least 3). critical_epsilon: "
+                       "where the objective's Hessian at theta_s stops being positive definite (null: beyond "
+                       "reach or not computed, models above 3000 parameters)"}
+    if counts["ill_posed"]:
+        summary["warning"] = (
+            f"{counts['ill_posed']} of {len(items)} examples: at eps={epsilon:.3g} with damping {damping:.3g} the "
+            "PBRF objective's curvature at the trained weights is indefinite (eps is beyond the item's "
+            "critical_epsilon): the objective is non-convex there, its second-order model has no minimum, and "
+            "no influence estimate describes its response. Not compared; verify at a smaller |pbrf_epsilon| "
+            "or with a larger damping.")
+    if counts["branch_ended"]:
+        summary["branch_ended"] = ("the solver could not follow the local minimiser past reached_epsilon: a fold of "
+                                   "the objective, or kinks of a ReLU network where the gradient jumps")
+    return summary
 
 
 def _ranks(values: torch.Tensor) -> torch.Tensor:
