@@ -174,22 +174,29 @@ def test_engine_imports_no_service_frameworks():
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
-def overfit_relu_problem():
-    """An over-parameterised ReLU MLP (1,573 weights) fitted to 300 points with 5% flipped labels."""
-    rng = np.random.default_rng(7)
-    centers = rng.normal(size=(5, 10)) * 1.5
-    labels = rng.integers(0, 5, size=300)
-    inputs = torch.from_numpy((centers[labels] + rng.normal(size=(300, 10))).astype(np.float32))
-    flip = rng.random(300) < 0.05
-    targets = torch.from_numpy(np.where(flip, rng.integers(0, 5, size=300), labels))
-    torch.manual_seed(1)
-    model = nn.Sequential(nn.Linear(10, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 5))
+def fit_to_noisy_clusters(make_model, *, data_seed, torch_seed, n, dim, classes, spread, flip_rate, epochs):
+    """Gaussian clusters with a fraction of labels flipped, and a model fitted to them (Adam, full batch)."""
+    rng = np.random.default_rng(data_seed)
+    centers = rng.normal(size=(classes, dim)) * spread
+    labels = rng.integers(0, classes, size=n)
+    inputs = torch.from_numpy((centers[labels] + rng.normal(size=(n, dim))).astype(np.float32))
+    flip = rng.random(n) < flip_rate
+    targets = torch.from_numpy(np.where(flip, rng.integers(0, classes, size=n), labels))
+    torch.manual_seed(torch_seed)
+    model = make_model()
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
-    for _ in range(60):
+    for _ in range(epochs):
         optimizer.zero_grad()
         nn.functional.cross_entropy(model(inputs), targets).backward()
         optimizer.step()
     return model.eval(), inputs, targets
+
+
+def overfit_relu_problem():
+    """An over-parameterised ReLU MLP (1,573 weights) fitted to 300 points with 5% flipped labels."""
+    return fit_to_noisy_clusters(
+        lambda: nn.Sequential(nn.Linear(10, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 5)),
+        data_seed=7, torch_seed=1, n=300, dim=10, classes=5, spread=1.5, flip_rate=0.05, epochs=60)
 
 
 def test_pbrf_verification_says_when_removal_is_ill_posed():
@@ -229,18 +236,9 @@ def test_pbrf_verification_is_the_same_under_the_rounding_of_other_cpus(tmp_path
     (ATEN_CPU_CAPABILITY=default: no AVX2 kernels; OMP_NUM_THREADS=1: other reduction order). The local,
     certified solve must give the same statuses and the same figures within its tolerance (1e-5 of the
     gradient; the responses agree to ~1e-7 relative in practice, asserted at 1e-4)."""
-    rng = np.random.default_rng(3)
-    centers = rng.normal(size=(4, 8)) * 2
-    labels = rng.integers(0, 4, size=200)
-    inputs = torch.from_numpy((centers[labels] + rng.normal(size=(200, 8))).astype(np.float32))
-    targets = torch.from_numpy(np.where(rng.random(200) < 0.1, rng.integers(0, 4, size=200), labels))
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4))
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
-    for _ in range(150):
-        optimizer.zero_grad()
-        nn.functional.cross_entropy(model(inputs), targets).backward()
-        optimizer.step()
+    model, inputs, targets = fit_to_noisy_clusters(
+        lambda: nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4)),
+        data_seed=3, torch_seed=0, n=200, dim=8, classes=4, spread=2.0, flip_rate=0.1, epochs=150)
     state_file = tmp_path / "state.pt"
     torch.save({"model": model.state_dict(), "inputs": inputs, "targets": targets}, state_file)
     script = tmp_path / "verify.py"

@@ -271,24 +271,23 @@ def verify_against_pbrf(model, loss, inputs, targets, indices: list[int], estima
     Correlations use only the items whose local PBRF minimiser was followed to the requested eps; the
     others say why (ill-posed at that eps, or the branch could not be followed past some eps). Figures
     are meant to be reproducible across CPUs: see pbrf.py for why the solve is local and certified."""
-    from .pbrf import CONVERGED, ILL_POSED, critical_epsilon, solve_pbrf
+    from .pbrf import CONVERGED, ILL_POSED, PBRFProblem
 
     if damping <= 0:
         damping = 1e-3  # identity has no damping of its own; the PBRF needs a proximity term
     n = inputs.shape[0]
     epsilon = config.pbrf_epsilon if config.pbrf_epsilon is not None else -1.0 / n
     items = []
-    cpu_model = model.to("cpu")
+    problem = PBRFProblem(model.to("cpu"), loss, inputs.cpu(), targets.cpu(), damping, config.weight_decay)
     for j, index in enumerate(indices):
-        data = (cpu_model, loss, inputs.cpu(), targets.cpu(), index)
-        critical = critical_epsilon(*data, math.copysign(1.0, epsilon), damping, weight_decay=config.weight_decay)
+        critical = problem.critical_epsilon(index, math.copysign(1.0, epsilon))
         item = {"index": index, "estimate": float(estimates[index]), "critical_epsilon": critical}
         if critical is not None and abs(epsilon) >= abs(critical):
             # Not solved: whatever minimiser a solver finds out there is not what the estimate describes,
             # and finding it is slow and rounding-sensitive (kinks, folds).
             item.update(status=ILL_POSED, pbrf=None)
         else:
-            solution = solve_pbrf(*data, epsilon, damping, weight_decay=config.weight_decay)
+            solution = problem.solve(index, epsilon)
             converged = solution.status == CONVERGED
             item.update(status=solution.status, pbrf=solution.self_influence if converged else None,
                         relative_gradient_norm=solution.relative_gradient_norm, distance=solution.distance)
