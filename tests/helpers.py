@@ -14,13 +14,14 @@ from torch import nn
 
 
 def export_onnx(model: nn.Module, example: torch.Tensor, path: Path, dynamo: bool = True,
-                opset_version: int | None = None) -> Path:
-    """torch.onnx.export with a dynamic batch axis, as the README tells users to do."""
+                opset_version: int | None = None, external_data: bool = False) -> Path:
+    """torch.onnx.export with a dynamic batch axis, as the README tells users to do. external_data=True is
+    torch's default: the weights go to `path.name + '.data'` beside the model."""
     model = model.eval()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         if dynamo:
-            torch.onnx.export(model, (example,), str(path), dynamo=True, input_names=["x"], external_data=False,
+            torch.onnx.export(model, (example,), str(path), dynamo=True, input_names=["x"], external_data=external_data,
                               dynamic_shapes=({0: torch.export.Dim("batch")},), verbose=False)
         else:
             torch.onnx.export(model, (example,), str(path), dynamo=False, input_names=["x"],

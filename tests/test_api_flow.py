@@ -115,6 +115,28 @@ def test_safetensors_model_and_failed_job(client, tmp_path):
     assert_problem(client.get(f"/v1/audits/{audit['id']}/flags"), 409, "audit-not-succeeded")
 
 
+def test_default_onnx_export_with_external_data_uploads_and_audits(client, tmp_path):
+    """torch.onnx.export's default writes m.onnx and m.onnx.data; both go up in one request, the model
+    record lists the part, and the worker loads it for the audit."""
+    inputs, labels = synthetic_classification(n=60, features=5, classes=3, seed=2)
+    model = quick_mlp(inputs, labels, hidden=64)  # 5 x 64 weights: above the exporter's 1 kB inline threshold
+    path = export_onnx(model, torch.from_numpy(inputs[:2]), tmp_path / "m.onnx", external_data=True)
+    data = (tmp_path / "m.onnx.data").read_bytes()
+    r = client.post("/v1/models", files=[("file", ("m.onnx", path.read_bytes())),
+                                         ("external_data", ("m.onnx.data", data))])
+    assert r.status_code == 201, r.text
+    created = r.json()
+    assert len(data) > 0 and created["num_parameters"] == 5 * 64 + 64 + 64 * 3 + 3
+    assert [(p["name"], p["size_bytes"]) for p in created["external_data"]] == [("m.onnx.data", len(data))]
+    assert client.get(f"/v1/models/{created['id']}").json()["external_data"] == created["external_data"]
+    d = upload_dataset(client, npz_bytes(inputs=inputs, labels=labels)).json()
+    audit = client.post("/v1/audits", json={"model_id": created["id"], "dataset_id": d["id"],
+                                            "method": "identity"}).json()
+    final, _ = wait_for_audit(client, audit["id"])
+    assert final["status"] == "succeeded", final
+    assert final["summary"]["num_examples"] == 60
+
+
 def test_unknown_ids_and_bad_requests(client, trained):
     missing = "00000000-0000-4000-8000-000000000000"
     assert_problem(client.get(f"/v1/audits/{missing}"), 404, "not-found")
@@ -142,7 +164,7 @@ def test_unknown_ids_and_bad_requests(client, trained):
 
 def test_every_method_through_the_worker(client, tmp_path):
     inputs, labels = synthetic_classification(n=200, features=4, classes=3, seed=2)
-    model = quick_mlp(inputs, labels, hidden=6)
+    model = quick_mlp(inputs, labels, hidden=64)  # 5 x 64 weights: above the exporter's 1 kB inline threshold
     path = export_onnx(model, torch.from_numpy(inputs[:2]), tmp_path / "m.onnx")
     m = upload_model(client, path).json()
     d = upload_dataset(client, npz_bytes(inputs=inputs, labels=labels)).json()

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.helpers import assert_problem, npz_bytes, upload_dataset
+from tests.helpers import assert_problem, export_onnx, npz_bytes, upload_dataset
 
 
 def _store_files(service):
@@ -90,6 +90,35 @@ def test_bad_model_rejected(client, service, filename, content, status, slug, tm
     assert _store_files(service) == before_files
     import os
     assert not os.path.exists("/tmp/pbrf-pwned")
+
+
+EXTERNAL_DATA_CASES = {
+    # case: (external_data parts as (file name, which bytes), status, slug)
+    "no part for the location": ([], 422, "onnx-external-data-missing"),
+    "part named otherwise": ([("weights.bin", "data")], 422, "onnx-external-data-missing"),
+    "part name with a directory": ([("sub/m.onnx.data", "data")], 422, "external-data-name"),
+    "same part twice": ([("m.onnx.data", "data"), ("m.onnx.data", "data")], 422, "external-data-duplicate"),
+    "truncated part": ([("m.onnx.data", "truncated")], 422, "onnx-external-data-range"),
+    "a part no tensor uses": ([("m.onnx.data", "data"), ("spare.data", "data")], 422, "onnx-external-data-unused"),
+}
+
+
+@pytest.mark.parametrize("case", EXTERNAL_DATA_CASES, ids=list(EXTERNAL_DATA_CASES))
+def test_bad_external_data_rejected(client, service, tmp_path, case):
+    """torch.onnx.export's default output (m.onnx + m.onnx.data) with parts that disagree with it."""
+    parts, status, slug = EXTERNAL_DATA_CASES[case]
+    # weights above the exporter's 1 kB inline threshold, so that they go to m.onnx.data
+    model = torch.nn.Sequential(torch.nn.Linear(6, 64), torch.nn.ReLU(), torch.nn.Linear(64, 3))
+    path = export_onnx(model, torch.randn(2, 6), tmp_path / "m.onnx", external_data=True)
+    data = (tmp_path / "m.onnx.data").read_bytes()
+    contents = {"data": data, "truncated": data[: len(data) // 2]}
+    files = [("file", ("m.onnx", path.read_bytes()))]
+    files += [("external_data", (name, contents[which])) for name, which in parts]
+    before_rows = len(client.get("/v1/models").json())
+    before_files = _store_files(service)
+    assert_problem(client.post("/v1/models", files=files), status, slug)
+    assert len(client.get("/v1/models").json()) == before_rows
+    assert _store_files(service) == before_files
 
 
 CORPUS = Path(__file__).resolve().parent / "corpus"

@@ -54,18 +54,61 @@ def test_onnx_fixed_batch_export_is_refused_with_advice(tmp_path):
 
 
 def test_onnx_external_data_is_refused(tmp_path):
+    """A location that is a path (absolute, with directories, or `..`) is refused before anything is read."""
     path = export_onnx(mlp(), torch.randn(2, 8), tmp_path / "m.onnx")
-    proto = onnx.load(str(path))
-    tensor = proto.graph.initializer[0]
-    tensor.ClearField("raw_data")
-    tensor.data_location = onnx.TensorProto.EXTERNAL
-    entry = tensor.external_data.add()
-    entry.key, entry.value = "location", "/etc/passwd"
-    evil = tmp_path / "evil.onnx"
-    evil.write_bytes(proto.SerializeToString())
+    for location in ("/etc/passwd", "../m.onnx.data", "sub/m.onnx.data", "C:m.onnx.data"):
+        proto = onnx.load(str(path))
+        tensor = proto.graph.initializer[0]
+        tensor.ClearField("raw_data")
+        tensor.data_location = onnx.TensorProto.EXTERNAL
+        entry = tensor.external_data.add()
+        entry.key, entry.value = "location", location
+        evil = tmp_path / "evil.onnx"
+        evil.write_bytes(proto.SerializeToString())
+        with pytest.raises(ArtifactError) as err:
+            load_onnx(evil, {"m.onnx.data": tmp_path / "m.onnx"})
+        assert err.value.slug == "onnx-external-data-path", location
+
+
+def test_onnx_default_export_with_external_data_loads_from_its_parts(tmp_path):
+    """torch.onnx.export's default writes the weights to m.onnx.data; with that part the model converts
+    to identical outputs, and every way the parts can disagree with the model is refused by name."""
+    model = mlp()
+    path = export_onnx(model, torch.randn(2, 8), tmp_path / "m.onnx", external_data=True)
+    data = tmp_path / "m.onnx.data"
+    assert data.is_file() and data.stat().st_size > 0
+    loaded = load_onnx(path, {"m.onnx.data": data})
+    x = torch.randn(5, 8)
+    torch.testing.assert_close(loaded.module(x), model(x), rtol=1e-5, atol=1e-6)
+    assert loaded.num_parameters == sum(p.numel() for p in model.parameters())
+
+    def slug(external):
+        with pytest.raises(ArtifactError) as err:
+            load_onnx(path, external)
+        return err.value.slug
+
+    assert slug({}) == "onnx-external-data-missing"
+    assert slug({"other.data": data}) == "onnx-external-data-missing"
+    truncated = tmp_path / "truncated.data"
+    truncated.write_bytes(data.read_bytes()[:-4])
+    assert slug({"m.onnx.data": truncated}) == "onnx-external-data-range"
+    spare = tmp_path / "spare.data"
+    spare.write_bytes(b"unused")
+    assert slug({"m.onnx.data": data, "spare.data": spare}) == "onnx-external-data-unused"
+    # an offset past the end of the part
+    proto = onnx.load(str(path), load_external_data=False)
+    tensor = next(t for t in proto.graph.initializer if len(t.external_data))
+    for entry in tensor.external_data:
+        if entry.key == "offset":
+            entry.value = str(data.stat().st_size)
+    if not any(e.key == "offset" for e in tensor.external_data):
+        entry = tensor.external_data.add()
+        entry.key, entry.value = "offset", str(data.stat().st_size)
+    shifted = tmp_path / "shifted.onnx"
+    shifted.write_bytes(proto.SerializeToString())
     with pytest.raises(ArtifactError) as err:
-        load_onnx(evil)
-    assert err.value.slug == "onnx-external-data-refused"
+        load_onnx(shifted, {"m.onnx.data": data})
+    assert err.value.slug == "onnx-external-data-range"
 
 
 def test_safetensors_checks(tmp_path):

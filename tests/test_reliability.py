@@ -129,7 +129,13 @@ def test_delete_refuses_what_is_in_use_and_removes_the_rest_with_its_stored_byte
     path = export_onnx(quick_mlp(inputs, labels, hidden=6), torch.from_numpy(inputs[:2]),
                        tmp_path_factory.mktemp("delete") / "m.onnx")
     store = fast_reaper_service.data_dir / "artifacts"
+    # a model whose weights live in an external-data part: the collector must keep that part too
+    big = export_onnx(quick_mlp(inputs, labels, hidden=64), torch.from_numpy(inputs[:2]),
+                      tmp_path_factory.mktemp("external") / "m.onnx", external_data=True)
     with fast_reaper_service.client() as client:
+        with_parts = client.post("/v1/models", files=[
+            ("file", ("m.onnx", big.read_bytes())),
+            ("external_data", ("m.onnx.data", (big.parent / "m.onnx.data").read_bytes()))]).json()
         model = upload_model(client, path).json()
         dataset = upload_dataset(client, npz_bytes(inputs=inputs, labels=labels)).json()
         done, _ = wait_for_audit(client, client.post("/v1/audits", json={
@@ -162,3 +168,5 @@ def test_delete_refuses_what_is_in_use_and_removes_the_rest_with_its_stored_byte
         assert not any((store / sha[:2] / sha).exists() for sha in gone)
         kept = client.get(f"/v1/models/{slow_job['model_id']}").json()["sha256"]
         assert (store / kept[:2] / kept).exists()
+        part = with_parts["external_data"][0]["sha256"]
+        assert (store / part[:2] / part).exists()

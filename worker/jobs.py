@@ -25,7 +25,7 @@ from sqlalchemy import and_, delete, insert, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.artifacts import loaders
-from app.artifacts.service import dataset_limits
+from app.artifacts.service import dataset_limits, external_paths
 from app.artifacts.tables import DatasetArtifact, ModelArtifact
 from app.audits.tables import Audit, AuditFlag
 from app.core.config import Settings
@@ -200,7 +200,8 @@ def run_audit_job(audit_id: uuid.UUID, settings: Settings, factory: sessionmaker
         with Heartbeat(factory, audit_id, token, settings.heartbeat_seconds) as heartbeat:
             progress = ProgressWriter(factory, audit_id, token, heartbeat)
             progress("loading", 0.0)
-            model = loaders.load_model(store.path_for(model_row.sha256), model_row.format, model_row.architecture).module
+            model = loaders.load_model(store.path_for(model_row.sha256), model_row.format, model_row.architecture,
+                                       external_paths(store, model_row)).module
             dataset = loaders.load_dataset(store.path_for(dataset_row.sha256), dataset_row.format, dataset_limits(settings))
             config = AuditConfig(method=method, damping=damping, weight_decay=params.get("weight_decay", 0.0),
                                  batch_size=params.get("batch_size"), seed=params.get("seed", 0),

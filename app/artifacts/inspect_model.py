@@ -1,7 +1,8 @@
 """Validate an uploaded model in a separate, short-lived process.
 
 The API never converts or runs an untrusted model in its own process: this module is executed as
-`python -m app.artifacts.inspect_model PATH FORMAT` (architecture JSON on stdin) with a time limit and
+`python -m app.artifacts.inspect_model PATH FORMAT` (JSON on stdin: the architecture, and the
+external-data parts as {file name: path}) with a time limit and
 an environment stripped of the service's settings and secrets. It prints one JSON line: the model's
 metadata, or the ArtifactError that rejected it.
 """
@@ -27,12 +28,15 @@ class ModelMetadata:
     architecture: dict | None
 
 
-def inspect_in_subprocess(path: Path, fmt: str, architecture: str | None, timeout: float) -> ModelMetadata:
+def inspect_in_subprocess(path: Path, fmt: str, architecture: str | None, timeout: float,
+                          external: dict[str, Path] | None = None) -> ModelMetadata:
     env = {k: v for k, v in os.environ.items() if not k.startswith("PBRF_")}
     env["PYTHONPATH"] = str(Path(__file__).resolve().parents[2])
     try:
         done = subprocess.run([sys.executable, "-m", "app.artifacts.inspect_model", str(path), fmt],
-                              input=architecture or "", capture_output=True, text=True, timeout=timeout, env=env,
+                              input=json.dumps({"architecture": architecture,
+                                                "external": {k: str(v) for k, v in (external or {}).items()}}),
+                              capture_output=True, text=True, timeout=timeout, env=env,
                               cwd=path.parent)
     except subprocess.TimeoutExpired:
         raise ArtifactError("model-validation-timeout",
@@ -49,9 +53,10 @@ def inspect_in_subprocess(path: Path, fmt: str, architecture: str | None, timeou
 
 def main() -> None:
     path, fmt = Path(sys.argv[1]), sys.argv[2]
-    architecture = sys.stdin.read() or None
+    request = json.loads(sys.stdin.read())
+    external = {name: Path(part) for name, part in request["external"].items()}
     try:
-        loaded = load_model(path, fmt, architecture)
+        loaded = load_model(path, fmt, request["architecture"], external)
     except ArtifactError as exc:
         print(json.dumps({"error": {"slug": exc.slug, "detail": exc.detail, "status": exc.status}}))
         return

@@ -30,7 +30,8 @@ DATASET_FORMATS = ("npz", "csv", "parquet")
 PICKLE_SUFFIXES = (".pt", ".pth", ".pkl", ".pickle", ".pt2", ".ckpt", ".bin", ".jit", ".torchscript", ".joblib")
 EXPORT_HELP = (
     "Export the model to ONNX instead: torch.onnx.export(model.eval(), (example_batch,), 'model.onnx', "
-    "dynamic_shapes=({0: torch.export.Dim('batch')},), external_data=False), or upload its state_dict as .safetensors "
+    "dynamic_shapes=({0: torch.export.Dim('batch')},)) and upload model.onnx as `file` and model.onnx.data as "
+    "`external_data`, or upload its state_dict as .safetensors "
     "with an `architecture` form field naming a built-in architecture."
 )
 SAFETENSORS_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64}
@@ -229,7 +230,66 @@ def _learned_initializers_as_parameters(module: nn.Module, proto) -> None:
                 module.register_parameter(key, nn.Parameter(buffer.detach().clone()))
 
 
-def load_onnx(path: Path) -> LoadedModel:
+def _external_references(proto, external: dict[str, Path]) -> list[tuple[object, Path, int, int]]:
+    """Check every external-data reference against the uploaded parts before any byte is read: the
+    location is the bare name of an uploaded part, the byte range lies inside it and has the tensor's
+    size, and every part is used. Returns (tensor, part, offset, length) for each reference."""
+    import onnx
+    from onnx.helper import tensor_dtype_to_np_dtype
+
+    references, used = [], set()
+    for tensor in _all_onnx_tensors(proto.graph):
+        if tensor.data_location != onnx.TensorProto.EXTERNAL and len(tensor.external_data) == 0:
+            continue
+        info = {entry.key: entry.value for entry in tensor.external_data}
+        location = info.get("location", "")
+        if (not location or location in (".", "..") or "/" in location or "\\" in location or "\0" in location
+                or ":" in location):
+            raise ArtifactError("onnx-external-data-path",
+                                f"tensor {tensor.name!r} refers to external data at {location!r}; only the bare "
+                                "file name of an uploaded external_data part is accepted (no directories)")
+        if location not in external:
+            raise ArtifactError("onnx-external-data-missing",
+                                f"tensor {tensor.name!r} refers to external data file {location!r}, which was not "
+                                f"uploaded; send it as a multipart part named external_data with that file name "
+                                f"(uploaded: {sorted(external) or 'none'})")
+        size = external[location].stat().st_size
+        try:
+            offset = int(info.get("offset", "0"))
+            length = int(info["length"]) if "length" in info else size - offset
+            itemsize = np.dtype(tensor_dtype_to_np_dtype(tensor.data_type)).itemsize
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ArtifactError("onnx-external-data-range",
+                                f"tensor {tensor.name!r}: unreadable external-data offset, length or type") from exc
+        expected = int(np.prod(tensor.dims, dtype=np.int64)) * itemsize
+        if offset < 0 or length != expected or offset + length > size:
+            raise ArtifactError("onnx-external-data-range",
+                                f"tensor {tensor.name!r} needs {expected} bytes at offset {offset} of {location!r}, "
+                                f"which has {size} bytes (length given: {length}); was the file truncated?")
+        references.append((tensor, external[location], offset, length))
+        used.add(location)
+    # torch's exporter writes an empty .data file when every tensor is small enough to stay inline: that
+    # part is harmless; any other part no tensor uses is a mistake worth naming
+    unused = sorted(name for name in set(external) - used if external[name].stat().st_size > 0)
+    if unused:
+        raise ArtifactError("onnx-external-data-unused",
+                            f"external_data part(s) {unused} are not referenced by any tensor of the model")
+    return references
+
+
+def _inline_external_data(references) -> None:
+    import onnx
+
+    for tensor, part, offset, length in references:
+        with open(part, "rb") as handle:
+            handle.seek(offset)
+            tensor.raw_data = handle.read(length)
+        del tensor.external_data[:]
+        tensor.data_location = onnx.TensorProto.DEFAULT
+
+
+def load_onnx(path: Path, external: dict[str, Path] | None = None) -> LoadedModel:
+    """An ONNX model, with its external-data files (`external`: bare file name -> stored path) if any."""
     import onnx
     from onnx2pytorch import ConvertModel
 
@@ -237,13 +297,12 @@ def load_onnx(path: Path) -> LoadedModel:
         proto = onnx.load(str(path), load_external_data=False)
     except Exception as exc:
         raise ArtifactError("invalid-onnx", f"the file is not a valid ONNX model: {exc}") from exc
-    for tensor in _all_onnx_tensors(proto.graph):
-        if tensor.data_location == onnx.TensorProto.EXTERNAL or len(tensor.external_data) > 0:
-            raise ArtifactError("onnx-external-data-refused",
-                                f"tensor {tensor.name!r} refers to external data; upload a self-contained ONNX file "
-                                "(torch.onnx.export(..., external_data=False)) under the size limit")
+    _inline_external_data(_external_references(proto, external or {}))
     try:
-        onnx.checker.check_model(proto)
+        # The checker serialises the proto, which protobuf caps at 2 GB: a model that only fits with
+        # external data is checked by its conversion and smoke test alone.
+        if proto.ByteSize() < 2**31 - 2**20:
+            onnx.checker.check_model(proto)
     except Exception as exc:
         raise ArtifactError("invalid-onnx", f"the ONNX model failed validation: {exc}") from exc
     initializers = {t.name for t in proto.graph.initializer}
@@ -344,9 +403,12 @@ def load_safetensors(path: Path, architecture: dict | str | None) -> LoadedModel
                        architecture=spec.model_dump())
 
 
-def load_model(path: Path, fmt: str, architecture: dict | str | None = None) -> LoadedModel:
+def load_model(path: Path, fmt: str, architecture: dict | str | None = None,
+               external: dict[str, Path] | None = None) -> LoadedModel:
+    if external and fmt != "onnx":
+        raise ArtifactError("external-data-not-onnx", "external_data parts belong to an ONNX model only")
     if fmt == "onnx":
-        return load_onnx(path)
+        return load_onnx(path, external)
     if fmt == "safetensors":
         return load_safetensors(path, architecture)
     raise ArtifactError("unsupported-model-format", f"unknown model format {fmt!r}", status=415)

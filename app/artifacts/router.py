@@ -38,14 +38,24 @@ def upload_model(
     architecture: Annotated[str | None, Form(max_length=10_000, description=(
         'JSON naming a built-in architecture for .safetensors, e.g. {"type": "mlp", "input_size": 64, '
         '"hidden_sizes": [32], "num_classes": 10}'))] = None,
+    external_data: Annotated[list[UploadFile] | None, File(description=(
+        "The external-data file(s) of an ONNX model (torch.onnx.export writes model.onnx.data beside model.onnx); "
+        "each part's file name must be the `location` its tensors name"))] = None,
     idempotency_key: IdempotencyKey = None,
 ):
-    request_hash = idempotency.hash_upload(file.file, {"filename": file.filename, "name": name,
-                                                       "architecture": architecture}) if idempotency_key else ""
+    parts = [(part.filename or "", part.file) for part in external_data or []]
+    request_hash = ""
+    if idempotency_key:
+        request_hash = idempotency.hash_upload(file.file, {"filename": file.filename, "name": name,
+                                                           "architecture": architecture,
+                                                           "external_data": [n for n, _ in parts]})
+        for _, part in parts:  # the parts' bytes are part of the request too
+            request_hash = idempotency.hash_upload(part, {"previous": request_hash})
     return _create_idempotently(
         session, tenant, "POST /v1/models", idempotency_key, request_hash,
         lambda: service.create_model(session=session, store=store, settings=settings, tenant_id=tenant,
-                                     source=file.file, filename=file.filename or "", name=name, architecture=architecture),
+                                     source=file.file, filename=file.filename or "", name=name, architecture=architecture,
+                                     external_parts=parts),
         ModelOut, response)
 
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 import uuid
 from datetime import datetime
 
-from pydantic import BaseModel, ConfigDict, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from app.core.timeutil import as_utc
 
@@ -17,6 +17,12 @@ class _Out(BaseModel):
         return as_utc(value)
 
 
+class ExternalDataOut(BaseModel):
+    name: str
+    sha256: str
+    size_bytes: int
+
+
 class ModelOut(_Out):
     id: uuid.UUID
     name: str
@@ -27,6 +33,8 @@ class ModelOut(_Out):
     sha256: str
     size_bytes: int
     architecture: dict | None = None
+    external_data: list[ExternalDataOut] = Field(default_factory=list, description=(
+        "The ONNX external-data files uploaded with the model, by the file name its tensors refer to"))
     created_at: datetime
 
 

@@ -5,6 +5,7 @@ Nothing is written to the store or the database unless validation passed; the ca
 
 from __future__ import annotations
 
+from contextlib import ExitStack
 from pathlib import Path
 from typing import BinaryIO
 
@@ -34,24 +35,57 @@ def _head(source: BinaryIO) -> bytes:
     return head
 
 
+def _external_part_names(parts: list[tuple[str, BinaryIO]]) -> list[str]:
+    names = [filename for filename, _ in parts]
+    for filename in names:
+        if not filename or filename != Path(filename).name or "\\" in filename or filename in (".", ".."):
+            raise ProblemError(422, "external-data-name", f"external_data part file name {filename!r} must be a "
+                               "bare file name (the `location` its tensors name), without directories")
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise ProblemError(422, "external-data-duplicate", f"external_data parts {duplicates} were uploaded more "
+                           "than once; send each file once")
+    return names
+
+
 def create_model(*, session: Session, store: ArtifactStore, settings: Settings, tenant_id: str, source: BinaryIO,
-                 filename: str, name: str | None, architecture: str | None) -> ModelArtifact:
+                 filename: str, name: str | None, architecture: str | None,
+                 external_parts: list[tuple[str, BinaryIO]] = ()) -> ModelArtifact:
+    """`external_parts`: (file name, stream) of each external-data file an ONNX model refers to."""
+    names = _external_part_names(list(external_parts))
     try:
         fmt = loaders.detect_model_format(filename, _head(source))
-        with store.staged(source, settings.max_upload_bytes, suffix="." + fmt) as (path, sha, size):
+        if names and fmt != "onnx":
+            raise loaders.ArtifactError("external-data-not-onnx", "external_data parts belong to an ONNX model only")
+        with ExitStack() as stack:
+            path, sha, size = stack.enter_context(store.staged(source, settings.max_upload_bytes, suffix="." + fmt))
+            staged_parts, used = [], size  # the size limit holds for all parts together, like the body limit
+            for part_name, part_source in external_parts:
+                part = stack.enter_context(store.staged(part_source, settings.max_upload_bytes - used))
+                staged_parts.append((part_name, *part))
+                used += part[2]
             # conversion and the smoke forward pass run in a separate process under a time limit
-            loaded = inspect_in_subprocess(path, fmt, architecture, settings.model_validation_timeout_seconds)
+            loaded = inspect_in_subprocess(path, fmt, architecture, settings.model_validation_timeout_seconds,
+                                           external={n: p for n, p, _, _ in staged_parts})
             store.commit(path, sha)
+            for _, part_path, part_sha, _ in staged_parts:
+                store.commit(part_path, part_sha)
     except loaders.ArtifactError as exc:
         raise _problem(exc) from exc
     except UploadTooLarge as exc:
         raise ProblemError(413, "payload-too-large", str(exc)) from exc
     row = ModelArtifact(tenant_id=tenant_id, name=name or Path(filename or "model").name, format=fmt, sha256=sha,
                         size_bytes=size, num_parameters=loaded.num_parameters, input_shape=loaded.input_shape,
-                        num_outputs=loaded.num_outputs, architecture=loaded.architecture)
+                        num_outputs=loaded.num_outputs, architecture=loaded.architecture,
+                        external_data=[{"name": n, "sha256": h, "size_bytes": b} for n, _, h, b in staged_parts])
     session.add(row)
     session.flush()
     return row
+
+
+def external_paths(store: ArtifactStore, model: ModelArtifact) -> dict[str, Path]:
+    """The stored external-data files of a model, by the file name its tensors refer to."""
+    return {part["name"]: store.path_for(part["sha256"]) for part in (model.external_data or [])}
 
 
 def create_dataset(*, session: Session, store: ArtifactStore, settings: Settings, tenant_id: str, source: BinaryIO,

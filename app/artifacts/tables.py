@@ -24,6 +24,8 @@ class ModelArtifact(Base):
     input_shape: Mapped[list] = mapped_column(JSON)
     num_outputs: Mapped[int] = mapped_column(Integer)
     architecture: Mapped[dict | None] = mapped_column(JSON)
+    # ONNX external-data files: [{name (the tensors' location), sha256, size_bytes}], stored like the model
+    external_data: Mapped[list] = mapped_column(JSON, default=list, server_default="[]")
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
 
 

@@ -131,6 +131,8 @@ def referenced_digests(session: Session) -> set[str]:
     from app.artifacts.tables import DatasetArtifact, ModelArtifact
 
     digests = set(session.scalars(select(ModelArtifact.sha256)))
+    for parts in session.scalars(select(ModelArtifact.external_data)):
+        digests |= {part["sha256"] for part in parts or []}
     digests |= set(session.scalars(select(DatasetArtifact.sha256)))
     digests |= set(session.scalars(select(Audit.scores_sha256).where(Audit.scores_sha256.is_not(None))))
     return digests

@@ -66,7 +66,7 @@ def main() -> None:
     for key, value in (("location", "/etc/passwd"), ("offset", "0"), ("length", "48")):
         entry = tensor.external_data.add()
         entry.key, entry.value = key, value
-    add("external-data-passwd.onnx", "model", proto.SerializeToString(), 422, "onnx-external-data-refused",
+    add("external-data-passwd.onnx", "model", proto.SerializeToString(), 422, "onnx-external-data-path",
         "an initializer whose bytes live in /etc/passwd")
     add("huge-header.safetensors", "model", struct.pack("<Q", 2**62) + b"{}", 422, "invalid-safetensors",
         "a safetensors header claiming 4 EiB")
