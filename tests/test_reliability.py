@@ -70,7 +70,10 @@ def test_sigkill_mid_audit_is_recovered_and_written_once(fast_reaper_service, sl
             assert time.monotonic() - killed_at < STALE_AFTER - 10, "recovery waited for the stale heartbeat"
             time.sleep(0.05)
         final, seen = wait_for_audit(client, audit["id"], timeout=180)
-        assert final["status"] == "succeeded", (final, fast_reaper_service.logs()[-3000:])
+        # (the reason first: a dict repr in pytest's message gets cut before `error`)
+        assert final["status"] == "succeeded", (final["error"], final["attempts"], final["worker"],
+                                                list(dict.fromkeys(seen))[-12:],
+                                                fast_reaper_service.logs()[-6000:])
         assert final["attempts"] == 2
         flags = all_pages(client, f"/v1/audits/{audit['id']}/flags", limit=1000)
         assert [f["rank"] for f in flags] == list(range(1, 241))
