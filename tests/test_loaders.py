@@ -12,6 +12,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from app.artifacts.loaders import ArtifactError, load_onnx, load_safetensors
+from app.influence import AuditConfig, run_audit
 from tests.helpers import export_onnx
 
 
@@ -341,3 +342,33 @@ def test_onnx_constants_a_model_multiplies_by_are_not_audited_as_weights(tmp_pat
     model = _BakedScaling().eval()
     loaded = load_onnx(export_onnx(model, torch.randn(2, 6), tmp_path / "m.onnx", dynamo=dynamo))
     assert loaded.num_parameters == sum(p.numel() for p in model.parameters())
+
+
+class TextClassifier(nn.Module):
+    """Token and position embeddings, LayerNorm, mean pooling, a linear head: ids arrive as float32."""
+
+    def __init__(self, vocab=50, length=12, dim=16, classes=3):
+        super().__init__()
+        self.tokens, self.positions = nn.Embedding(vocab, dim), nn.Embedding(length, dim)
+        self.norm, self.head = nn.LayerNorm(dim), nn.Linear(dim, classes)
+        self.register_buffer("index", torch.arange(length))
+
+    def forward(self, ids):
+        return self.head(self.norm(self.tokens(ids.long()) + self.positions(self.index)).mean(1))
+
+
+@pytest.mark.parametrize("dynamo", [True, False], ids=["dynamo", "torchscript-exporter"])
+def test_onnx_embedding_tables_are_audited_weights(tmp_path, dynamo):
+    """Token embeddings (Gather on a weight) and position embeddings (looked up with constant positions,
+    which both exporters fold into the table added to the token embeddings) are learned weights: the
+    audited parameter count equals the model's, and every method scores them."""
+    torch.manual_seed(0)
+    model = TextClassifier().eval()
+    ids = torch.randint(0, 50, (40, 12)).float()
+    loaded = load_onnx(export_onnx(model, ids[:2], tmp_path / "text.onnx", dynamo=dynamo))
+    assert loaded.num_parameters == sum(p.numel() for p in model.parameters()) == 1075
+    torch.testing.assert_close(loaded.module(ids), model(ids), rtol=1e-5, atol=1e-6)
+    result = run_audit(loaded.module, ids, torch.randint(0, 3, (40,)), AuditConfig(method="ekfac"))
+    assert bool(torch.isfinite(result.scores).all())
+    fallback = [layer for layer in result.summary["estimator"]["layers"] if "fallback" in layer["treatment"]]
+    assert "tokens_weight" in fallback[0]["layer"]

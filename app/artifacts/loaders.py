@@ -197,7 +197,11 @@ def _learned_initializers_as_parameters(module: nn.Module, proto) -> None:
     from onnx2pytorch.convert.operations import get_buffer_name
 
     sizes = {t.name: math.prod(t.dims) for t in proto.graph.initializer}
+    ranks = {t.name: len(t.dims) for t in proto.graph.initializer}
     producer = {output: node for node in proto.graph.node for output in node.output}
+    # outputs of embedding lookups: a Gather whose data is a table of weights
+    lookups = {node.output[0] for node in proto.graph.node
+               if node.op_type == "Gather" and node.input and ranks.get(node.input[0], 0) >= 2}
 
     def made_by(name: str, op_type: str):
         node = producer.get(name)
@@ -206,6 +210,8 @@ def _learned_initializers_as_parameters(module: nn.Module, proto) -> None:
     scale_nodes = set()  # ids of Mul nodes that scale a normalised tensor
     for node in proto.graph.node:
         positions = _LEARNED_INPUTS.get(node.op_type, ())
+        if node.op_type == "Gather" and node.output and node.output[0] in lookups:
+            positions = (0,)  # an embedding table (nn.Embedding); only float initializers are promoted
         # LayerNorm written out as elementwise ops (opsets before LayerNormalization):
         # y = Div(x - mean, Sqrt(var + eps)) * gamma + beta. Only gamma and beta are weights; other
         # constants a model multiplies or adds (baked input scaling, epsilon) are not.
@@ -219,6 +225,11 @@ def _learned_initializers_as_parameters(module: nn.Module, proto) -> None:
                         positions = tuple(tensors)
                         scale_nodes.add(id(node))
                 elif id(producer.get(others[0])) in scale_nodes:
+                    positions = tuple(tensors)
+                # token embedding + a table added to it: a position embedding whose lookup with constant
+                # positions (arange) both exporters fold into the table rows used. (A fixed sinusoidal
+                # encoding added the same way cannot be told apart and is audited too.)
+                elif others[0] in lookups and ranks.get(node.input[tensors[0]], 0) >= 2:
                     positions = tuple(tensors)
         for position in positions:
             if position >= len(node.input) or node.input[position] not in sizes:
