@@ -13,19 +13,26 @@ import torch
 from torch import nn
 
 
-def export_onnx(model: nn.Module, example: torch.Tensor, path: Path, dynamo: bool = True,
-                opset_version: int | None = None, external_data: bool = False) -> Path:
-    """torch.onnx.export with a dynamic batch axis, as the README tells users to do. external_data=True is
+def export_onnx(model: nn.Module, example: torch.Tensor | tuple, path: Path, dynamo: bool = True,
+                opset_version: int | None = None, external_data: bool = False,
+                input_names: list[str] | None = None) -> Path:
+    """torch.onnx.export with a dynamic batch axis on every input, as the README tells users to do.
+    `example` is one batch, or a tuple of them for a model with several inputs. external_data=True is
     torch's default: the weights go to `path.name + '.data'` beside the model."""
     model = model.eval()
+    examples = example if isinstance(example, tuple) else (example,)
+    names = input_names or (["x"] if len(examples) == 1 else None)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         if dynamo:
-            torch.onnx.export(model, (example,), str(path), dynamo=True, input_names=["x"], external_data=external_data,
-                              dynamic_shapes=({0: torch.export.Dim("batch")},), verbose=False)
+            batch = torch.export.Dim("batch")
+            torch.onnx.export(model, examples, str(path), dynamo=True, external_data=external_data,
+                              dynamic_shapes=tuple({0: batch} for _ in examples), verbose=False,
+                              **({"input_names": names} if names else {}))
         else:
-            torch.onnx.export(model, (example,), str(path), dynamo=False, input_names=["x"],
-                              dynamic_axes={"x": {0: "batch"}},
+            names = names or [f"input_{i}" for i in range(len(examples))]
+            torch.onnx.export(model, examples, str(path), dynamo=False, input_names=names,
+                              dynamic_axes={name: {0: "batch"} for name in names},
                               **({"opset_version": opset_version} if opset_version else {}))
     return path
 

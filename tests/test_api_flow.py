@@ -14,6 +14,7 @@ from safetensors.torch import save_file
 
 from tests.helpers import (all_pages, assert_problem, export_onnx, npz_bytes, quick_mlp, synthetic_classification,
                            upload_dataset, upload_model, wait_for_audit)
+from tests.zoo import TinyTransformer, token_classification, train
 
 
 @pytest.fixture(scope="module")
@@ -135,6 +136,45 @@ def test_default_onnx_export_with_external_data_uploads_and_audits(client, tmp_p
     final, _ = wait_for_audit(client, audit["id"])
     assert final["status"] == "succeeded", final
     assert final["summary"]["num_examples"] == 60
+
+
+def test_transformer_on_token_ids_with_a_padding_mask_uploads_and_audits(client, tmp_path):
+    """A text classifier with two graph inputs (input_ids, attention_mask), exported with torch's defaults
+    (external data), audits from an .npz holding one int64 array per input name; the records say what
+    the model takes and what the dataset holds, and a dataset that does not fit is refused at creation
+    with the mismatch named, before any audit row exists."""
+    ids, mask, labels = token_classification(48, seed=3)
+    model = train(TinyTransformer(), (torch.from_numpy(ids), torch.from_numpy(mask)), torch.from_numpy(labels),
+                  epochs=40)
+    path = export_onnx(model, (torch.from_numpy(ids[:2]), torch.from_numpy(mask[:2])), tmp_path / "t.onnx",
+                       external_data=True)
+    r = client.post("/v1/models", files=[("file", ("t.onnx", path.read_bytes())),
+                                         ("external_data", ("t.onnx.data", (tmp_path / "t.onnx.data").read_bytes()))])
+    assert r.status_code == 201, r.text
+    created = r.json()
+    assert created["num_parameters"] == sum(p.numel() for p in model.parameters())
+    assert [(i["name"], i["dtype"], i["shape"], i["vocab_size"]) for i in created["inputs"]] == [
+        ("input_ids", "int64", [16], 64), ("attention_mask", "int64", [16], None)]
+    dataset = upload_dataset(client, npz_bytes(input_ids=ids, attention_mask=mask, labels=labels)).json()
+    assert [(i["name"], i["dtype"], i["shape"]) for i in dataset["inputs"]] == [
+        ("input_ids", "int64", [16]), ("attention_mask", "int64", [16])]
+    assert dataset["inputs"][0]["range"] == [int(ids.min()), int(ids.max())]
+    audit = client.post("/v1/audits", json={"model_id": created["id"], "dataset_id": dataset["id"],
+                                            "method": "ekfac"}).json()
+    final, _ = wait_for_audit(client, audit["id"])
+    assert final["status"] == "succeeded", final
+    assert final["summary"]["num_examples"] == 48 and final["summary"]["num_flagged"] > 0
+
+    bad = {"dataset-inputs-mismatch": npz_bytes(inputs=ids, labels=labels),
+           "input-dtype-mismatch": npz_bytes(input_ids=ids.astype(np.float32), attention_mask=mask, labels=labels),
+           "input-out-of-range": npz_bytes(input_ids=ids + 64, attention_mask=mask, labels=labels)}
+    for slug, content in bad.items():
+        d = upload_dataset(client, content).json()
+        problem = assert_problem(client.post("/v1/audits", json={"model_id": created["id"], "dataset_id": d["id"]}),
+                                 422, slug)
+        assert "input_ids" in problem["detail"]
+        recent = client.get("/v1/audits", params={"limit": 500}).json()["items"]  # newest first
+        assert not [a for a in recent if a["dataset_id"] == d["id"]]
 
 
 def test_unknown_ids_and_bad_requests(client, trained):

@@ -37,6 +37,11 @@ BAD_DATASETS = [
     ("nan.npz", npz_bytes(inputs=np.array([[0.0, np.nan]], np.float32), labels=np.array([0])), 422, "dataset-non-finite"),
     ("strings.npz", npz_bytes(inputs=np.array([["a", "b"]]), labels=np.array([0])), 422, "dataset-dtype"),
     ("missing.npz", npz_bytes(x=np.zeros((3, 2), np.float32)), 422, "invalid-npz"),
+    ("labels-only.npz", npz_bytes(labels=np.zeros(3, np.int64)), 422, "invalid-npz"),
+    ("ragged-named-inputs.npz", npz_bytes(input_ids=np.zeros((4, 5), np.int64), attention_mask=np.ones((3, 5), np.int64),
+                                          labels=np.zeros(4, np.int64)), 422, "dataset-shape"),
+    ("huge-uint64-ids.npz", npz_bytes(inputs=np.full((2, 3), 2**63 + 5, np.uint64), labels=np.zeros(2, np.int64)), 422,
+     "dataset-dtype"),
     ("data.pkl", pickle.dumps(_Boom()), 415, "unsupported-dataset-format"),
     ("ragged.csv", b"f1,f2,label\n1,2,0\n3,1\n", 422, "csv-ragged"),
     ("nolabel.csv", b"f1,f2\n1,2\n", 422, "csv-no-label"),
@@ -50,6 +55,22 @@ def test_bad_dataset_rejected_without_side_effects(client, service, filename, co
     assert_problem(upload_dataset(client, content, filename), status, slug)
     assert len(client.get("/v1/datasets").json()) == before_rows
     assert _store_files(service) == before_files
+
+
+def test_dataset_that_does_not_fit_the_model_is_refused_before_an_audit_exists(client, tmp_path):
+    """Integer inputs (raw uint8 pixels) for a float model, and float values for an integer input, are
+    refused when the audit is created, naming the input and the fix; no audit row is left."""
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+    m = client.post("/v1/models", files={"file": ("m.onnx", export_onnx(model, torch.zeros(2, 4),
+                                                                         tmp_path / "m.onnx").read_bytes())}).json()
+    pixels = upload_dataset(client, npz_bytes(inputs=np.full((6, 4), 200, np.uint8), labels=np.zeros(6, np.int64))).json()
+    assert pixels["inputs"] == [{"name": "inputs", "dtype": "int64", "shape": [4], "range": [200, 200],
+                                 "vocab_size": None}]
+    problem = assert_problem(client.post("/v1/audits", json={"model_id": m["id"], "dataset_id": pixels["id"]}),
+                             422, "input-dtype-mismatch")
+    assert "float" in problem["detail"] and "int64" in problem["detail"]
+    recent = client.get("/v1/audits", params={"limit": 500}).json()["items"]
+    assert not [a for a in recent if a["dataset_id"] == pixels["id"]]
 
 
 def test_zip_bomb_npz_rejected_before_inflating(client, service):

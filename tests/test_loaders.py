@@ -14,6 +14,7 @@ from torch import nn
 from app.artifacts.loaders import ArtifactError, load_onnx, load_safetensors
 from app.influence import AuditConfig, run_audit
 from tests.helpers import export_onnx
+from tests.zoo import TextClassifier
 
 
 def mlp():
@@ -342,19 +343,6 @@ def test_onnx_constants_a_model_multiplies_by_are_not_audited_as_weights(tmp_pat
     model = _BakedScaling().eval()
     loaded = load_onnx(export_onnx(model, torch.randn(2, 6), tmp_path / "m.onnx", dynamo=dynamo))
     assert loaded.num_parameters == sum(p.numel() for p in model.parameters())
-
-
-class TextClassifier(nn.Module):
-    """Token and position embeddings, LayerNorm, mean pooling, a linear head: ids arrive as float32."""
-
-    def __init__(self, vocab=50, length=12, dim=16, classes=3):
-        super().__init__()
-        self.tokens, self.positions = nn.Embedding(vocab, dim), nn.Embedding(length, dim)
-        self.norm, self.head = nn.LayerNorm(dim), nn.Linear(dim, classes)
-        self.register_buffer("index", torch.arange(length))
-
-    def forward(self, ids):
-        return self.head(self.norm(self.tokens(ids.long()) + self.positions(self.index)).mean(1))
 
 
 @pytest.mark.parametrize("dynamo", [True, False], ids=["dynamo", "torchscript-exporter"])

@@ -200,9 +200,12 @@ def run_audit_job(audit_id: uuid.UUID, settings: Settings, factory: sessionmaker
         with Heartbeat(factory, audit_id, token, settings.heartbeat_seconds) as heartbeat:
             progress = ProgressWriter(factory, audit_id, token, heartbeat)
             progress("loading", 0.0)
-            model = loaders.load_model(store.path_for(model_row.sha256), model_row.format, model_row.architecture,
-                                       external_paths(store, model_row)).module
+            loaded = loaders.load_model(store.path_for(model_row.sha256), model_row.format, model_row.architecture,
+                                        external_paths(store, model_row))
+            model = loaded.module
             dataset = loaders.load_dataset(store.path_for(dataset_row.sha256), dataset_row.format, dataset_limits(settings))
+            # checked at creation from the records; checked again on the arrays themselves
+            inputs = loaders.pack_inputs(dataset, loaded.inputs)
             config = AuditConfig(method=method, damping=damping, weight_decay=params.get("weight_decay", 0.0),
                                  batch_size=params.get("batch_size"), seed=params.get("seed", 0),
                                  fisher_samples=params.get("fisher_samples", 1),
@@ -211,7 +214,7 @@ def run_audit_job(audit_id: uuid.UUID, settings: Settings, factory: sessionmaker
                                  verify_top_k=params.get("verify_top_k", 0),
                                  pbrf_epsilon=params.get("pbrf_epsilon"),
                                  max_exact_parameters=settings.max_exact_parameters)
-            result = run_audit(model, torch.from_numpy(dataset.inputs), torch.from_numpy(dataset.labels), config,
+            result = run_audit(model, torch.from_numpy(inputs), torch.from_numpy(dataset.labels), config,
                                progress=progress)
             progress("saving", 1.0)
             # still heartbeating: saving a large result must not look like a dead worker

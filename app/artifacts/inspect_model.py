@@ -26,6 +26,7 @@ class ModelMetadata:
     input_shape: list[int]
     num_outputs: int
     architecture: dict | None
+    inputs: list[dict]
 
 
 def inspect_in_subprocess(path: Path, fmt: str, architecture: str | None, timeout: float,
@@ -62,7 +63,7 @@ def main() -> None:
         return
     print(json.dumps({"ok": {"format": loaded.format, "num_parameters": loaded.num_parameters,
                              "input_shape": loaded.input_shape, "num_outputs": loaded.num_outputs,
-                             "architecture": loaded.architecture}}))
+                             "architecture": loaded.architecture, "inputs": loaded.inputs}}))
 
 
 if __name__ == "__main__":

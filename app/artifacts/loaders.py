@@ -46,31 +46,62 @@ class ArtifactError(ValueError):
         self.status = status
 
 
+# What a model takes and what a dataset holds, one entry per input:
+#   {"name": str, "dtype": "float32" | "int64" | "int32" | "bool" | ..., "shape": [sizes after the batch axis]}
+# plus, for integer inputs, "range": [min, max] on a dataset (the values it holds) and "vocab_size" on a
+# model (ids must lie in 0..vocab_size-1 because the input indexes an embedding table).
+# Single-input datasets name their one input "inputs"; it matches a single-input model whatever its name.
+SINGLE_INPUT = "inputs"
+FLOAT_DTYPES = ("float32", "float16", "bfloat16", "float64")
+
+
+def single_input_spec(shape: list[int]) -> list[dict]:
+    return [{"name": SINGLE_INPUT, "dtype": "float32", "shape": [int(d) for d in shape]}]
+
+
 @dataclass
 class LoadedModel:
-    module: nn.Module
+    module: nn.Module  # takes one tensor: the dataset's input, or several inputs packed (see pack_inputs)
     format: str
     num_parameters: int
     input_shape: list[int]
     num_outputs: int
     architecture: dict | None = None
+    inputs: list[dict] = field(default_factory=list)
 
 
 @dataclass
 class LoadedDataset:
-    inputs: np.ndarray  # float32 (N, *input_shape)
+    arrays: dict[str, np.ndarray]  # input name -> (N, *shape), float32 or int64
     labels: np.ndarray  # int64 (N,)
     format: str
     num_classes: int
     label_counts: list[int] = field(default_factory=list)
 
     @property
+    def inputs(self) -> np.ndarray:
+        """The one input array of a single-input dataset."""
+        if len(self.arrays) != 1:
+            raise ValueError(f"the dataset has {len(self.arrays)} inputs: use pack_inputs")
+        return next(iter(self.arrays.values()))
+
+    @property
     def num_examples(self) -> int:
-        return int(self.inputs.shape[0])
+        return int(self.labels.shape[0])
 
     @property
     def input_shape(self) -> list[int]:
-        return [int(d) for d in self.inputs.shape[1:]]
+        return [int(d) for d in next(iter(self.arrays.values())).shape[1:]]
+
+    @property
+    def input_specs(self) -> list[dict]:
+        specs = []
+        for name, array in self.arrays.items():
+            spec = {"name": name, "dtype": str(array.dtype), "shape": [int(d) for d in array.shape[1:]]}
+            if array.dtype.kind in "iu" and array.size:
+                spec["range"] = [int(array.min()), int(array.max())]
+            specs.append(spec)
+        return specs
 
 
 # ----------------------------------------------------------------------------------------- models
@@ -111,17 +142,72 @@ def _all_onnx_tensors(graph):
                 yield from _all_onnx_tensors(sub)
 
 
-def _smoke_test(module: nn.Module, input_shape: list[int]) -> int:
+def packed_dtype(specs: list[dict]) -> str:
+    """The dtype of the one tensor a model's inputs travel in: float32 when all are float, int64 when all are
+    integer (token ids stay exact), float64 when mixed (exact for integers below 2**53)."""
+    floats = {spec["dtype"] in FLOAT_DTYPES for spec in specs}
+    return "float32" if floats == {True} else "int64" if floats == {False} else "float64"
+
+
+def packed_shape(specs: list[dict]) -> list[int]:
+    """One input keeps its shape; several are flattened and laid side by side, in the model's order."""
+    return list(specs[0]["shape"]) if len(specs) == 1 else [sum(math.prod(spec["shape"]) for spec in specs)]
+
+
+class GraphInputs(nn.Module):
+    """Runs a converted ONNX graph on one tensor per batch: the engine slices, batches and vmaps a single
+    tensor, so a model with several graph inputs (input_ids, attention_mask) takes them packed side by
+    side (pack_inputs), and each part is reshaped and cast to the dtype its graph input declares. Float
+    parts follow the parameters' dtype (the PBRF check runs a float64 copy)."""
+
+    def __init__(self, graph: nn.Module, specs: list[dict]):
+        super().__init__()
+        self.graph = graph
+        self.specs = [(list(spec["shape"]), spec["dtype"]) for spec in specs]
+
+    def _cast(self, part: torch.Tensor, dtype: str) -> torch.Tensor:
+        if dtype in FLOAT_DTYPES:
+            return part.to(next(self.graph.parameters()).dtype)
+        return part.to(getattr(torch, dtype))
+
+    def forward(self, packed: torch.Tensor) -> torch.Tensor:
+        if len(self.specs) == 1:
+            return self.graph(self._cast(packed, self.specs[0][1]))
+        parts, start, lead = [], 0, packed.shape[:-1]  # under vmap an example is (total,), a batch (B, total)
+        for shape, dtype in self.specs:
+            size = math.prod(shape)
+            parts.append(self._cast(packed[..., start : start + size].reshape(*lead, *shape), dtype))
+            start += size
+        return self.graph(*parts)
+
+
+def _example_batch(specs: list[dict], batch: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """A batch the model must accept: zeros (or seeded normal values) for float inputs; for integer inputs
+    id 1 where the vocabulary allows it (an all-zero attention mask would mask every position)."""
+    parts = []
+    for spec in specs:
+        shape = (batch, math.prod(spec["shape"])) if len(specs) > 1 else (batch, *spec["shape"])
+        if spec["dtype"] in FLOAT_DTYPES:
+            parts.append(torch.randn(shape, generator=generator) if generator is not None else torch.zeros(shape))
+        else:
+            fill = 1 if spec.get("vocab_size") is None or spec["vocab_size"] > 1 else 0
+            parts.append(torch.full(shape, fill, dtype=torch.int64))
+    dtype = getattr(torch, packed_dtype(specs))
+    return parts[0].to(dtype) if len(parts) == 1 else torch.cat([part.to(dtype) for part in parts], dim=1)
+
+
+def _smoke_test(module: nn.Module, specs: list[dict]) -> int:
     """Run the model on small batches of two sizes; returns the output size."""
     sizes = []
+    described = ", ".join(f"{spec['name']} {spec['dtype']} {spec['shape']}" for spec in specs)
     with torch.no_grad():
         for batch in (2, 3):
             try:
-                out = module(torch.zeros(batch, *input_shape))
+                out = module(_example_batch(specs, batch))
             except Exception as exc:
                 raise ArtifactError(
                     "model-smoke-test-failed",
-                    f"the model failed a forward pass on a batch of {batch} inputs of shape {input_shape}: {exc}. "
+                    f"the model failed a forward pass on a batch of {batch} examples ({described}): {exc}. "
                     "If it was exported with a fixed batch size, export it with a dynamic batch axis "
                     "(dynamic_shapes / dynamic_axes).") from exc
             if not isinstance(out, torch.Tensor) or out.ndim != 2 or out.shape[0] != batch:
@@ -133,7 +219,7 @@ def _smoke_test(module: nn.Module, input_shape: list[int]) -> int:
                 raise ArtifactError("model-non-finite-output", "the model produced non-finite outputs on zero inputs")
             sizes.append(out.shape[1])
         # Influence needs logits: a softmax layer at the end would silently change the loss and its curvature.
-        probe = module(torch.randn(4, *input_shape, generator=torch.Generator().manual_seed(0)))
+        probe = module(_example_batch(specs, 4, torch.Generator().manual_seed(0)))
         if (probe.shape[1] > 1 and bool(((probe >= 0) & (probe <= 1)).all())
                 and bool(torch.allclose(probe.sum(1), torch.ones(probe.shape[0]), atol=1e-4))):
             raise ArtifactError("model-outputs-probabilities",
@@ -299,6 +385,68 @@ def _inline_external_data(references) -> None:
         tensor.data_location = onnx.TensorProto.DEFAULT
 
 
+MAX_GRAPH_INPUTS = 16
+_ONNX_INPUT_DTYPES = {"FLOAT": "float32", "FLOAT16": "float16", "BFLOAT16": "bfloat16", "DOUBLE": "float64",
+                      "INT64": "int64", "INT32": "int32", "INT16": "int16", "INT8": "int8", "UINT8": "uint8",
+                      "BOOL": "bool"}
+
+
+def _vocab_size(proto, name: str) -> int | None:
+    """Integer ids that index an embedding table (a Gather on a weight initializer, axis 0, directly or
+    after a Cast) must lie in 0..rows-1: returns the smallest such table's row count, or None."""
+    tables = {t.name: list(t.dims) for t in proto.graph.initializer}
+    aliases = {name} | {node.output[0] for node in proto.graph.node
+                        if node.op_type == "Cast" and node.input and node.input[0] == name and node.output}
+    sizes = []
+    for node in proto.graph.node:
+        if node.op_type != "Gather" or len(node.input) < 2 or node.input[1] not in aliases:
+            continue
+        axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
+        dims = tables.get(node.input[0])
+        if axis == 0 and dims and len(dims) >= 2:
+            sizes.append(int(dims[0]))
+    return min(sizes) if sizes else None
+
+
+def _graph_input_specs(proto) -> list[dict]:
+    """One spec per graph input (name, dtype, shape after the batch axis, vocab_size for ids that index an
+    embedding), in the graph's order, which is the order the converted module takes them in."""
+    import onnx
+
+    initializers = {t.name for t in proto.graph.initializer}
+    graph_inputs = [i for i in proto.graph.input if i.name not in initializers]
+    if not graph_inputs or len(graph_inputs) > MAX_GRAPH_INPUTS or len(proto.graph.output) != 1:
+        raise ArtifactError("onnx-signature", f"the model must have 1..{MAX_GRAPH_INPUTS} inputs (batches of examples) "
+                            f"and one output (logits); it has {len(graph_inputs)} inputs and "
+                            f"{len(proto.graph.output)} outputs")
+    specs = []
+    for graph_input in graph_inputs:
+        tensor_type = graph_input.type.tensor_type
+        dtype = _ONNX_INPUT_DTYPES.get(onnx.TensorProto.DataType.Name(tensor_type.elem_type)
+                                       if tensor_type.elem_type in onnx.TensorProto.DataType.values() else "")
+        if dtype is None:
+            raise ArtifactError("onnx-signature", f"input {graph_input.name!r} must be a float, integer or bool tensor")
+        dims = tensor_type.shape.dim
+        if len(dims) < 2:
+            raise ArtifactError("onnx-signature", f"input {graph_input.name!r} must have a batch axis and at least one "
+                                "feature axis")
+        shape = []
+        for d in dims[1:]:
+            if not d.HasField("dim_value") or d.dim_value <= 0:
+                raise ArtifactError("onnx-signature", f"every axis of input {graph_input.name!r} after the batch axis "
+                                    "must have a fixed size")
+            shape.append(int(d.dim_value))
+        spec = {"name": graph_input.name, "dtype": dtype, "shape": shape}
+        if dtype not in FLOAT_DTYPES:
+            vocab = _vocab_size(proto, graph_input.name)
+            if vocab is not None:
+                spec["vocab_size"] = vocab
+        specs.append(spec)
+    if len({spec["name"] for spec in specs}) != len(specs) or any(s["name"] == "labels" for s in specs):
+        raise ArtifactError("onnx-signature", "graph input names must be distinct and not `labels`")
+    return specs
+
+
 def load_onnx(path: Path, external: dict[str, Path] | None = None) -> LoadedModel:
     """An ONNX model, with its external-data files (`external`: bare file name -> stored path) if any."""
     import onnx
@@ -316,18 +464,7 @@ def load_onnx(path: Path, external: dict[str, Path] | None = None) -> LoadedMode
             onnx.checker.check_model(proto)
     except Exception as exc:
         raise ArtifactError("invalid-onnx", f"the ONNX model failed validation: {exc}") from exc
-    initializers = {t.name for t in proto.graph.initializer}
-    graph_inputs = [i for i in proto.graph.input if i.name not in initializers]
-    if len(graph_inputs) != 1 or len(proto.graph.output) != 1:
-        raise ArtifactError("onnx-signature", "the model must have exactly one input (a batch of examples) and one output")
-    dims = graph_inputs[0].type.tensor_type.shape.dim
-    if len(dims) < 2:
-        raise ArtifactError("onnx-signature", "the model input must have a batch axis and at least one feature axis")
-    input_shape = []
-    for d in dims[1:]:
-        if not d.HasField("dim_value") or d.dim_value <= 0:
-            raise ArtifactError("onnx-signature", "every input axis after the batch axis must have a fixed size")
-        input_shape.append(int(d.dim_value))
+    specs = _graph_input_specs(proto)
     _drop_inference_batchnorm_mode(proto)
     try:
         with warnings.catch_warnings():
@@ -337,10 +474,12 @@ def load_onnx(path: Path, external: dict[str, Path] | None = None) -> LoadedMode
         raise ArtifactError("unsupported-onnx", f"the ONNX model could not be converted to PyTorch modules: {exc}") from exc
     _dotless_submodule_names(module)
     _learned_initializers_as_parameters(module, proto)
+    if len(specs) > 1 or specs[0]["dtype"] not in ("float32", "int64"):
+        module = GraphInputs(module, specs)
     module.eval()
     num_parameters = _check_parameters(module)
-    num_outputs = _smoke_test(module, input_shape)
-    return LoadedModel(module, "onnx", num_parameters, input_shape, num_outputs)
+    num_outputs = _smoke_test(module, specs)
+    return LoadedModel(module, "onnx", num_parameters, list(specs[0]["shape"]), num_outputs, inputs=specs)
 
 
 def read_safetensors_header(path: Path) -> dict:
@@ -409,9 +548,9 @@ def load_safetensors(path: Path, architecture: dict | str | None) -> LoadedModel
     module.eval()
     num_parameters = _check_parameters(module)
     input_shape = list(spec.input_shape)
-    num_outputs = _smoke_test(module, input_shape)
+    num_outputs = _smoke_test(module, single_input_spec(input_shape))
     return LoadedModel(module, "safetensors", num_parameters, input_shape, num_outputs,
-                       architecture=spec.model_dump())
+                       architecture=spec.model_dump(), inputs=single_input_spec(input_shape))
 
 
 def load_model(path: Path, fmt: str, architecture: dict | str | None = None,
@@ -452,28 +591,43 @@ class DatasetLimits:
     max_uncompressed_bytes: int = 8 * 1024**3
 
 
-def _finish_dataset(inputs: np.ndarray, labels: np.ndarray, fmt: str, limits: DatasetLimits) -> LoadedDataset:
-    if inputs.dtype.kind not in "fiub":
-        raise ArtifactError("dataset-dtype", f"`inputs` must be numeric, got dtype {inputs.dtype}")
-    if inputs.ndim < 2:
-        raise ArtifactError("dataset-shape", f"`inputs` must have shape (examples, features...), got {inputs.shape}")
+def _finish_input(name: str, array: np.ndarray, n: int) -> np.ndarray:
+    """Integers (and bools) stay integers, as int64: token ids must reach an embedding exactly. Everything
+    else numeric becomes float32."""
+    label = f"`{name}`"
+    if array.dtype.kind not in "fiub":
+        raise ArtifactError("dataset-dtype", f"{label} must be numeric, got dtype {array.dtype}")
+    if array.ndim < 2:
+        raise ArtifactError("dataset-shape", f"{label} must have shape (examples, features...), got {array.shape}")
+    if array.shape[0] != n:
+        raise ArtifactError("dataset-shape", f"{label} has {array.shape[0]} examples but `labels` has {n}")
+    if array.dtype.kind in "iub":
+        if array.dtype == np.uint64 and array.size and int(array.max()) > np.iinfo(np.int64).max:
+            raise ArtifactError("dataset-dtype", f"{label} holds integers beyond the int64 range")
+        return np.ascontiguousarray(array.astype(np.int64, copy=False))
+    array = array.astype(np.float32, copy=False)
+    if not np.isfinite(array).all():
+        bad = int((~np.isfinite(array)).reshape(n, -1).any(1).argmax())
+        raise ArtifactError("dataset-non-finite", f"{label} contains NaN or infinite values (first at example {bad})")
+    return np.ascontiguousarray(array)
+
+
+def _finish_dataset(arrays: dict[str, np.ndarray], labels: np.ndarray, fmt: str,
+                    limits: DatasetLimits) -> LoadedDataset:
+    """`arrays`: input name -> array with the examples along axis 0 (one named `inputs` for a single-input
+    dataset, one per graph input name otherwise)."""
     if labels.ndim != 1:
         raise ArtifactError("dataset-shape", f"`labels` must be one-dimensional, got shape {labels.shape}")
     if labels.dtype.kind not in "iu":
         raise ArtifactError("labels-not-integers", f"`labels` must be integers 0..C-1, got dtype {labels.dtype}")
-    n = inputs.shape[0]
-    if labels.shape[0] != n:
-        raise ArtifactError("dataset-shape", f"`inputs` has {n} examples but `labels` has {labels.shape[0]}")
+    n = labels.shape[0]
     if n == 0:
         raise ArtifactError("dataset-empty", "the dataset has no examples")
     if n > limits.max_examples:
         raise ArtifactError("dataset-too-large", f"{n} examples exceed the limit of {limits.max_examples}", status=413)
-    if math.prod(inputs.shape[1:]) > limits.max_features:
+    if sum(math.prod(a.shape[1:]) for a in arrays.values()) > limits.max_features:
         raise ArtifactError("dataset-too-large", f"each example has more than {limits.max_features} values", status=413)
-    inputs = inputs.astype(np.float32, copy=False)
-    if not np.isfinite(inputs).all():
-        bad = int((~np.isfinite(inputs)).reshape(n, -1).any(1).argmax())
-        raise ArtifactError("dataset-non-finite", f"`inputs` contains NaN or infinite values (first at example {bad})")
+    arrays = {name: _finish_input(name, array, n) for name, array in arrays.items()}
     if labels.min() < 0:
         raise ArtifactError("labels-out-of-range", f"labels must be in 0..C-1; found {int(labels.min())}")
     num_classes = int(labels.max()) + 1
@@ -481,7 +635,7 @@ def _finish_dataset(inputs: np.ndarray, labels: np.ndarray, fmt: str, limits: Da
         raise ArtifactError("labels-out-of-range", f"label {num_classes - 1} exceeds the limit of {limits.max_classes} classes")
     labels = labels.astype(np.int64, copy=False)
     counts = np.bincount(labels, minlength=num_classes).tolist()
-    return LoadedDataset(np.ascontiguousarray(inputs), labels, fmt, num_classes, counts)
+    return LoadedDataset(arrays, labels, fmt, num_classes, counts)
 
 
 def load_npz(path: Path, limits: DatasetLimits) -> LoadedDataset:
@@ -490,10 +644,23 @@ def load_npz(path: Path, limits: DatasetLimits) -> LoadedDataset:
             infos = archive.infolist()
     except (zipfile.BadZipFile, OSError) as exc:
         raise ArtifactError("invalid-npz", f"the file is not a valid .npz archive: {exc}") from exc
-    names = {i.filename for i in infos}
-    for required in ("inputs.npy", "labels.npy"):
-        if required not in names:
-            raise ArtifactError("invalid-npz", f"the .npz must contain arrays `inputs` and `labels`; found {sorted(n.removesuffix('.npy') for n in names)}")
+    members = [i.filename for i in infos]
+    if "labels.npy" not in members:
+        raise ArtifactError("invalid-npz", "the .npz must contain a `labels` array and an `inputs` array (or, for a "
+                            "model with several inputs, one array per input name); found "
+                            f"{sorted(m.removesuffix('.npy') for m in members)}")
+    # `inputs` makes a single-input dataset (other arrays are ignored, as before); without it, every other
+    # array is one named input of a multi-input model (input_ids, attention_mask, ...)
+    if "inputs.npy" in members:
+        input_names = [SINGLE_INPUT]
+    else:
+        input_names = [m.removesuffix(".npy") for m in members if m.endswith(".npy") and m != "labels.npy"]
+        if not input_names:
+            raise ArtifactError("invalid-npz", "the .npz holds `labels` but no input arrays: add `inputs` (or one "
+                                "array per model input name)")
+        if len(input_names) > MAX_GRAPH_INPUTS:
+            raise ArtifactError("invalid-npz", f"the .npz holds {len(input_names)} input arrays; at most "
+                                f"{MAX_GRAPH_INPUTS} are accepted")
     # The zip directory states each member's uncompressed size: refuse bombs before inflating anything.
     # All members count (numpy also resolves `inputs` to a member named plain "inputs").
     total = sum(i.file_size for i in infos)
@@ -502,7 +669,7 @@ def load_npz(path: Path, limits: DatasetLimits) -> LoadedDataset:
                             f"{limits.max_uncompressed_bytes}", status=413)
     try:
         with np.load(path, allow_pickle=False) as npz:
-            inputs, labels = npz["inputs"], npz["labels"]
+            arrays, labels = {name: npz[name] for name in input_names}, npz["labels"]
     except ValueError as exc:
         if "allow_pickle" in str(exc) or "Object arrays" in str(exc):
             raise ArtifactError("dataset-object-arrays", "object arrays are refused (they need pickle); store numeric arrays") from exc
@@ -511,9 +678,9 @@ def load_npz(path: Path, limits: DatasetLimits) -> LoadedDataset:
         raise ArtifactError("dataset-too-large", "the arrays do not fit in memory", status=413) from exc
     except (OSError, zipfile.BadZipFile, EOFError, KeyError, RuntimeError, NotImplementedError) as exc:
         raise ArtifactError("invalid-npz", f"could not read the arrays: {type(exc).__name__}: {exc}") from exc
-    if not isinstance(inputs, np.ndarray) or not isinstance(labels, np.ndarray):
-        raise ArtifactError("invalid-npz", "`inputs` and `labels` must be .npy arrays inside the archive")
-    return _finish_dataset(inputs, labels, "npz", limits)
+    if not all(isinstance(a, np.ndarray) for a in (*arrays.values(), labels)):
+        raise ArtifactError("invalid-npz", "every input and `labels` must be an .npy array inside the archive")
+    return _finish_dataset(arrays, labels, "npz", limits)
 
 
 def load_csv(path: Path, limits: DatasetLimits) -> LoadedDataset:
@@ -570,7 +737,7 @@ def load_csv(path: Path, limits: DatasetLimits) -> LoadedDataset:
         raise ArtifactError("invalid-csv", f"the CSV could not be parsed: {exc}") from exc
     if not rows:
         raise ArtifactError("dataset-empty", "the CSV has no data rows")
-    return _finish_dataset(np.concatenate(blocks_x), np.concatenate(blocks_y), "csv", limits)
+    return _finish_dataset({SINGLE_INPUT: np.concatenate(blocks_x)}, np.concatenate(blocks_y), "csv", limits)
 
 
 def load_parquet(path: Path, limits: DatasetLimits) -> LoadedDataset:
@@ -612,9 +779,13 @@ def load_parquet(path: Path, limits: DatasetLimits) -> LoadedDataset:
         raise ArtifactError("invalid-parquet", f"could not read the Parquet data: {exc}") from exc
     if any(table.column(n).null_count for n in table.column_names):
         raise ArtifactError("dataset-non-finite", "the Parquet file has missing values")
-    inputs = np.column_stack([table.column(n).to_numpy().astype(np.float64) for n in features])
+    # all-integer feature columns (token ids, counts) stay integers; any float column makes them floats
+    integer = all(pa.types.is_integer(schema.field(n).type) or pa.types.is_boolean(schema.field(n).type)
+                  for n in features)
+    inputs = np.column_stack([table.column(n).to_numpy().astype(np.int64 if integer else np.float64)
+                              for n in features])
     labels = table.column("label").to_numpy()
-    return _finish_dataset(inputs, labels, "parquet", limits)
+    return _finish_dataset({SINGLE_INPUT: inputs}, labels, "parquet", limits)
 
 
 def load_dataset(path: Path, fmt: str, limits: DatasetLimits | None = None) -> LoadedDataset:
@@ -628,12 +799,71 @@ def load_dataset(path: Path, fmt: str, limits: DatasetLimits | None = None) -> L
     raise ArtifactError("unsupported-dataset-format", f"unknown dataset format {fmt!r}", status=415)
 
 
+def match_inputs(model_inputs: list[dict], dataset_inputs: list[dict]) -> list[str]:
+    """Check a dataset's input arrays against a model's graph inputs (specs as stored on both records) and
+    return the dataset array to feed to each model input, in the model's order. A single input matches a
+    single input whatever the names; several are matched by name. Raises ArtifactError naming the mismatch."""
+    if len(model_inputs) == 1 and len(dataset_inputs) == 1:
+        pairs = [(model_inputs[0], dataset_inputs[0])]
+    else:
+        model_names, data_names = [m["name"] for m in model_inputs], [d["name"] for d in dataset_inputs]
+        missing = [name for name in model_names if name not in data_names]
+        extra = [name for name in data_names if name not in model_names]
+        if missing or extra:
+            raise ArtifactError("dataset-inputs-mismatch",
+                                f"the model takes {len(model_names)} input(s) {model_names} but the dataset holds "
+                                f"{data_names}: upload an .npz with one array per model input name plus `labels` "
+                                f"(missing: {missing}, unexpected: {extra})")
+        by_name = {d["name"]: d for d in dataset_inputs}
+        pairs = [(m, by_name[m["name"]]) for m in model_inputs]
+    for model_input, data in pairs:
+        what = f"the model's input {model_input['name']!r}"
+        if list(model_input["shape"]) != list(data["shape"]):
+            raise ArtifactError("model-dataset-mismatch",
+                                f"{what} takes examples of shape {model_input['shape']} but the dataset's "
+                                f"`{data['name']}` has examples of shape {data['shape']}")
+        model_float, data_float = model_input["dtype"] in FLOAT_DTYPES, data["dtype"] in FLOAT_DTYPES
+        if model_float and not data_float:
+            raise ArtifactError("input-dtype-mismatch",
+                                f"{what} is {model_input['dtype']} but the dataset's `{data['name']}` holds integers "
+                                f"({data['dtype']}): store the values the model was trained on, as floats (for images "
+                                "usually x.astype('float32') / 255 with the training normalisation)")
+        if data_float and not model_float:
+            raise ArtifactError("input-dtype-mismatch",
+                                f"{what} takes integers ({model_input['dtype']}, e.g. token ids) but the dataset's "
+                                f"`{data['name']}` holds floats ({data['dtype']}): store it as an integer array "
+                                "(np.int64)")
+        if not model_float and "range" in data:
+            low, high = data["range"]
+            bounds = {"bool": (0, 1), "uint8": (0, 255), "int8": (-128, 127), "int16": (-2**15, 2**15 - 1),
+                      "int32": (-2**31, 2**31 - 1)}.get(model_input["dtype"], (-2**63, 2**63 - 1))
+            if model_input.get("vocab_size") is not None:
+                bounds = (0, model_input["vocab_size"] - 1)
+            if low < bounds[0] or high > bounds[1]:
+                reason = (f"indexes an embedding table of {model_input['vocab_size']} rows"
+                          if model_input.get("vocab_size") is not None else f"is {model_input['dtype']}")
+                raise ArtifactError("input-out-of-range",
+                                    f"{what} {reason}, so its values must lie in {bounds[0]}..{bounds[1]}, but the "
+                                    f"dataset's `{data['name']}` holds values {low}..{high}")
+    return [data["name"] for _, data in pairs]
+
+
+def pack_inputs(dataset: LoadedDataset, model_inputs: list[dict]) -> np.ndarray:
+    """The dataset's inputs as the one array the model's module takes (see GraphInputs): a single input as
+    it is; several flattened side by side in the model's order, in packed_dtype."""
+    names = match_inputs(model_inputs, dataset.input_specs)
+    if len(names) == 1:
+        return dataset.arrays[names[0]]
+    dtype = np.dtype(packed_dtype(model_inputs))
+    if dtype == np.float64 and any(abs(bound) > 2**53 for spec in dataset.input_specs for bound in spec.get("range", ())):
+        raise ArtifactError("input-out-of-range", "integer inputs beside float inputs must stay below 2**53 in size")
+    n = dataset.num_examples
+    return np.concatenate([dataset.arrays[name].reshape(n, -1).astype(dtype, copy=False) for name in names], axis=1)
+
+
 def check_fit(model: LoadedModel, dataset: LoadedDataset) -> None:
-    """The model's input shape and output size must fit the dataset (checked when an audit is created)."""
-    if list(model.input_shape) != list(dataset.input_shape):
-        raise ArtifactError("model-dataset-mismatch",
-                            f"the model takes inputs of shape {model.input_shape} but the dataset's examples have shape "
-                            f"{dataset.input_shape}")
+    """The model's inputs and output size must fit the dataset (checked when an audit is created)."""
+    match_inputs(model.inputs, dataset.input_specs)
     if model.num_outputs < dataset.num_classes:
         raise ArtifactError("model-dataset-mismatch",
                             f"the dataset has labels up to {dataset.num_classes - 1} but the model has only "

@@ -11,6 +11,14 @@ from app.core.timeutil import as_utc
 class _Out(BaseModel):
     model_config = ConfigDict(from_attributes=True)
 
+    @field_validator("inputs", mode="before", check_fields=False)
+    @classmethod
+    def _single_float_input_before_0005(cls, value, info):
+        # rows stored before migration 0005 took (held) exactly one float32 input of input_shape
+        if value is None and "input_shape" in info.data:
+            return [{"name": "inputs", "dtype": "float32", "shape": info.data["input_shape"]}]
+        return value
+
     @field_validator("created_at", mode="after", check_fields=False)
     @classmethod
     def _utc(cls, value: datetime) -> datetime:
@@ -21,6 +29,15 @@ class ExternalDataOut(BaseModel):
     name: str
     sha256: str
     size_bytes: int
+
+
+class InputOut(BaseModel):
+    name: str = Field(description="graph input name (a single-input dataset's array is `inputs`)")
+    dtype: str = Field(description="float32, int64, int32, bool, ...")
+    shape: list[int] = Field(description="the shape of one example (after the batch axis)")
+    vocab_size: int | None = Field(None, description="model inputs that index an embedding table: ids must lie in "
+                                   "0..vocab_size-1")
+    range: list[int] | None = Field(None, description="integer dataset arrays: [smallest, largest] value")
 
 
 class ModelOut(_Out):
@@ -35,6 +52,9 @@ class ModelOut(_Out):
     architecture: dict | None = None
     external_data: list[ExternalDataOut] = Field(default_factory=list, description=(
         "The ONNX external-data files uploaded with the model, by the file name its tensors refer to"))
+    inputs: list[InputOut] = Field(default_factory=list, description=(
+        "What the model takes, in order; a dataset for it holds one array per input (one array `inputs` when the "
+        "model has a single input)"))
     created_at: datetime
 
 
@@ -45,7 +65,9 @@ class DatasetOut(_Out):
     num_examples: int
     num_classes: int
     input_shape: list[int]
+    inputs: list[InputOut] = Field(default_factory=list, description="the dataset's input arrays")
     label_counts: list[int]
     sha256: str
     size_bytes: int
     created_at: datetime
+

@@ -76,7 +76,7 @@ def create_model(*, session: Session, store: ArtifactStore, settings: Settings, 
         raise ProblemError(413, "payload-too-large", str(exc)) from exc
     row = ModelArtifact(tenant_id=tenant_id, name=name or Path(filename or "model").name, format=fmt, sha256=sha,
                         size_bytes=size, num_parameters=loaded.num_parameters, input_shape=loaded.input_shape,
-                        num_outputs=loaded.num_outputs, architecture=loaded.architecture,
+                        num_outputs=loaded.num_outputs, architecture=loaded.architecture, inputs=loaded.inputs,
                         external_data=[{"name": n, "sha256": h, "size_bytes": b} for n, _, h, b in staged_parts])
     session.add(row)
     session.flush()
@@ -109,7 +109,17 @@ def create_dataset(*, session: Session, store: ArtifactStore, settings: Settings
         raise ProblemError(413, "payload-too-large", str(exc)) from exc
     row = DatasetArtifact(tenant_id=tenant_id, name=name or Path(filename or "dataset").name, format=fmt, sha256=sha,
                           size_bytes=size, num_examples=loaded.num_examples, num_classes=loaded.num_classes,
-                          input_shape=loaded.input_shape, label_counts=loaded.label_counts)
+                          input_shape=loaded.input_shape, inputs=loaded.input_specs, label_counts=loaded.label_counts)
     session.add(row)
     session.flush()
     return row
+
+
+def model_inputs(model: ModelArtifact) -> list[dict]:
+    """The model's graph inputs; rows from before migration 0005 had exactly one float input."""
+    return model.inputs or loaders.single_input_spec(model.input_shape)
+
+
+def dataset_inputs(dataset: DatasetArtifact) -> list[dict]:
+    """The dataset's input arrays; rows from before migration 0005 held one float32 array."""
+    return dataset.inputs or loaders.single_input_spec(dataset.input_shape)

@@ -26,6 +26,9 @@ class ModelArtifact(Base):
     architecture: Mapped[dict | None] = mapped_column(JSON)
     # ONNX external-data files: [{name (the tensors' location), sha256, size_bytes}], stored like the model
     external_data: Mapped[list] = mapped_column(JSON, default=list, server_default="[]")
+    # graph inputs [{name, dtype, shape, vocab_size?}] in the order the model takes them (null: before 0005,
+    # one float32 input of input_shape)
+    inputs: Mapped[list | None] = mapped_column(JSON)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
 
 
@@ -41,5 +44,7 @@ class DatasetArtifact(Base):
     num_examples: Mapped[int] = mapped_column(BigInteger)
     num_classes: Mapped[int] = mapped_column(Integer)
     input_shape: Mapped[list] = mapped_column(JSON)
+    # input arrays [{name, dtype, shape, range?}] (null: before 0005, one float32 array of input_shape)
+    inputs: Mapped[list | None] = mapped_column(JSON)
     label_counts: Mapped[list] = mapped_column(JSON)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())

@@ -11,7 +11,9 @@ import numpy as np
 from sqlalchemy import delete, func, select, update
 from sqlalchemy.orm import Session
 
+from app.artifacts import loaders
 from app.artifacts import repository as artifacts
+from app.artifacts.service import dataset_inputs, model_inputs
 from app.core.config import get_settings
 from app.core.errors import ProblemError, not_found
 from app.core.storage import ArtifactStore
@@ -34,10 +36,10 @@ def create_audit(*, session: Session, tenant_id: str, request: AuditCreate) -> A
     if request.method not in available_methods():
         raise ProblemError(422, "unknown-method",
                            f"unknown method {request.method!r}; available: {', '.join(available_methods())}")
-    if list(model.input_shape) != list(dataset.input_shape):
-        raise ProblemError(422, "model-dataset-mismatch",
-                           f"the model takes inputs of shape {model.input_shape} but the dataset's examples have shape "
-                           f"{dataset.input_shape}")
+    try:  # names, shapes, dtypes and id ranges, from what both uploads recorded
+        loaders.match_inputs(model_inputs(model), dataset_inputs(dataset))
+    except loaders.ArtifactError as exc:
+        raise ProblemError(exc.status, exc.slug, exc.detail) from exc
     settings = get_settings()
     dense = request.method == "exact" or (request.method == "loo" and request.curvature == "exact")
     if dense and model.num_parameters > settings.max_exact_parameters:

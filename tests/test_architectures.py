@@ -1,0 +1,139 @@
+"""The architecture sweep: every model shape users bring, exported by both of torch's exporters (the
+dynamo one with external data, torch's default), converts with identical outputs, has every learned
+weight of the exported graph audited, and gets EK-FAC scores. Also the contract for models with integer
+and several graph inputs: what the model record says, how a dataset is matched and packed."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from torch import nn
+
+from app.artifacts.loaders import (ArtifactError, LoadedDataset, load_onnx, match_inputs, pack_inputs)
+from app.influence import AuditConfig, run_audit
+from tests.helpers import export_onnx
+from tests.zoo import ResidualCNN, TextClassifier, TinyTransformer, distinct_weights, exported_learned_parameters
+
+
+def _mlp():
+    return nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
+
+
+def _cnn():
+    return nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 3))
+
+
+def _ids(n, length=12, vocab=50, seed=0):
+    return torch.randint(0, vocab, (n, length), generator=torch.Generator().manual_seed(seed))
+
+
+def _mask(n, length=16):
+    mask = torch.ones(n, length, dtype=torch.int64)
+    mask[n // 2 :, length - 5 :] = 0  # half of the examples padded at the end
+    return mask
+
+
+# name -> (builder, batch of n examples as the model's positional inputs)
+SWEEP = {
+    "mlp": (_mlp, lambda n: (torch.randn(n, 8),)),
+    "cnn": (_cnn, lambda n: (torch.randn(n, 1, 8, 8),)),
+    "residual-cnn-batchnorm": (lambda: ResidualCNN(classes=5, width=4), lambda n: (torch.randn(n, 3, 16, 16),)),
+    "text-classifier-token-ids": (TextClassifier, lambda n: (_ids(n),)),
+    "transformer-two-inputs": (lambda: TinyTransformer(layers=2), lambda n: (_ids(n, 16, 64), _mask(n))),
+}
+
+
+@pytest.mark.parametrize("dynamo", [True, False], ids=["dynamo-external-data", "torchscript-exporter"])
+@pytest.mark.parametrize("name", list(SWEEP))
+def test_every_learned_weight_of_every_architecture_is_audited(tmp_path, name, dynamo):
+    build, batch = SWEEP[name]
+    torch.manual_seed(0)
+    model = distinct_weights(build())
+    path = export_onnx(model, batch(2), tmp_path / "m.onnx", dynamo=dynamo, external_data=dynamo,
+                       input_names=None if dynamo else (["input_ids", "attention_mask"] if len(batch(1)) == 2 else None))
+    external = {p.name: p for p in tmp_path.glob("*.data")}
+    loaded = load_onnx(path, external)
+    proto = onnx.load(str(path), load_external_data=False)
+    folded = not any(node.op_type == "BatchNormalization" for node in proto.graph.node)
+    assert loaded.num_parameters == exported_learned_parameters(model, folded), (
+        f"{name}: audited {loaded.num_parameters} learned values, the exported graph has "
+        f"{exported_learned_parameters(model, folded)}")
+
+    inputs = batch(24)
+    packed = inputs[0] if len(inputs) == 1 else torch.cat([t.reshape(24, -1) for t in inputs], dim=1)
+    assert packed.dtype == (torch.int64 if name.startswith(("text", "transformer")) else torch.float32)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.module(packed), model(*inputs), rtol=1e-4, atol=1e-5)
+    labels = torch.randint(0, 3, (24,), generator=torch.Generator().manual_seed(1))
+    result = run_audit(loaded.module, packed, labels, AuditConfig(method="ekfac"))
+    assert bool(torch.isfinite(result.scores).all())
+    layers = result.summary["estimator"]["layers"]
+    # every parameter is in exactly one layer's treatment: the linear maps and convolutions (with any
+    # BatchNorm folded into them) get EK-FAC, embeddings and normalisation weights the diagonal fallback
+    assert sum(layer["num_parameters"] for layer in layers) == loaded.num_parameters
+    others = sum(p.numel() for m in model.modules() if isinstance(m, (nn.Embedding, nn.LayerNorm))
+                 or (isinstance(m, nn.BatchNorm2d) and not folded) for p in m.parameters(recurse=False))
+    assert sum(layer["num_parameters"] for layer in layers if layer["treatment"] == "ekfac") == \
+        loaded.num_parameters - others
+
+
+def test_token_ids_and_a_padding_mask_are_two_integer_inputs(tmp_path):
+    """The record of a two-input model names both inputs, their dtypes and shapes, and the embedding's
+    vocabulary; a dataset of two int64 arrays packs into one int64 tensor the model's module unpacks."""
+    torch.manual_seed(0)
+    model = distinct_weights(TinyTransformer())
+    path = export_onnx(model, (_ids(2, 16, 64), _mask(2)), tmp_path / "t.onnx", external_data=True)
+    loaded = load_onnx(path, {"t.onnx.data": tmp_path / "t.onnx.data"})
+    assert loaded.inputs == [{"name": "input_ids", "dtype": "int64", "shape": [16], "vocab_size": 64},
+                             {"name": "attention_mask", "dtype": "int64", "shape": [16]}]
+    ids, mask = _ids(10, 16, 64).numpy(), _mask(10).numpy()
+    labels = np.arange(10) % 3
+    dataset = LoadedDataset({"attention_mask": mask, "input_ids": ids}, labels, "npz", 3)  # any array order
+    packed = pack_inputs(dataset, loaded.inputs)
+    assert packed.dtype == np.int64 and packed.shape == (10, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.module(torch.from_numpy(packed)),
+                                   model(torch.from_numpy(ids), torch.from_numpy(mask)), rtol=1e-4, atol=1e-5)
+
+
+MODEL_INPUTS = [{"name": "input_ids", "dtype": "int64", "shape": [16], "vocab_size": 64},
+                {"name": "attention_mask", "dtype": "int64", "shape": [16]}]
+
+
+@pytest.mark.parametrize("model_inputs, dataset_inputs, slug, words", [
+    (MODEL_INPUTS, [{"name": "inputs", "dtype": "int64", "shape": [16], "range": [0, 5]}],
+     "dataset-inputs-mismatch", "input_ids"),
+    (MODEL_INPUTS, [{"name": "input_ids", "dtype": "int64", "shape": [16], "range": [0, 5]},
+                    {"name": "mask", "dtype": "int64", "shape": [16], "range": [0, 1]}],
+     "dataset-inputs-mismatch", "attention_mask"),
+    (MODEL_INPUTS, [{"name": "input_ids", "dtype": "float32", "shape": [16]},
+                    {"name": "attention_mask", "dtype": "int64", "shape": [16], "range": [0, 1]}],
+     "input-dtype-mismatch", "integer"),
+    (MODEL_INPUTS, [{"name": "input_ids", "dtype": "int64", "shape": [16], "range": [0, 64]},
+                    {"name": "attention_mask", "dtype": "int64", "shape": [16], "range": [0, 1]}],
+     "input-out-of-range", "0..63"),
+    (MODEL_INPUTS, [{"name": "input_ids", "dtype": "int64", "shape": [16], "range": [-1, 3]},
+                    {"name": "attention_mask", "dtype": "int64", "shape": [16], "range": [0, 1]}],
+     "input-out-of-range", "-1..3"),
+    (MODEL_INPUTS, [{"name": "input_ids", "dtype": "int64", "shape": [12], "range": [0, 3]},
+                    {"name": "attention_mask", "dtype": "int64", "shape": [16], "range": [0, 1]}],
+     "model-dataset-mismatch", "[12]"),
+    ([{"name": "x", "dtype": "float32", "shape": [8]}], [{"name": "inputs", "dtype": "int64", "shape": [8],
+                                                         "range": [0, 255]}],
+     "input-dtype-mismatch", "floats"),
+])
+def test_a_dataset_that_does_not_fit_the_model_inputs_is_named(model_inputs, dataset_inputs, slug, words):
+    with pytest.raises(ArtifactError) as err:
+        match_inputs(model_inputs, dataset_inputs)
+    assert err.value.slug == slug and err.value.status == 422 and words in err.value.detail
+
+
+def test_single_inputs_match_whatever_their_names_and_keep_their_dtype():
+    assert match_inputs([{"name": "x", "dtype": "float32", "shape": [8]}],
+                        [{"name": "inputs", "dtype": "float32", "shape": [8]}]) == ["inputs"]
+    dataset = LoadedDataset({"inputs": np.arange(12).reshape(3, 4)}, np.array([0, 1, 0]), "npz", 2)
+    assert dataset.input_specs == [{"name": "inputs", "dtype": "int64", "shape": [4], "range": [0, 11]}]
+    packed = pack_inputs(dataset, [{"name": "ids", "dtype": "int64", "shape": [4], "vocab_size": 12}])
+    assert packed.dtype == np.int64
