@@ -447,7 +447,8 @@ class KroneckerEstimator(Estimator):
 
     def describe(self):
         layers = [{"layer": l.name, "type": type(l.module).__name__, "treatment": self.name,
-                   "shape": [l.d_out, l.d_in], "damping": self.layer_damping.get(l.name)} for l in self.layers]
+                   "shape": [l.d_out, l.d_in], "num_parameters": l.d_out * l.d_in,
+                   "damping": self.layer_damping.get(l.name)} for l in self.layers]
         if self.fallback_names:
             layers.append({"layer": ", ".join(self.fallback_names), "type": "other parameters",
                            "treatment": "diagonal GGN (fallback)",
