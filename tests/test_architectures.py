@@ -137,3 +137,23 @@ def test_single_inputs_match_whatever_their_names_and_keep_their_dtype():
     assert dataset.input_specs == [{"name": "inputs", "dtype": "int64", "shape": [4], "range": [0, 11]}]
     packed = pack_inputs(dataset, [{"name": "ids", "dtype": "int64", "shape": [4], "vocab_size": 12}])
     assert packed.dtype == np.int64
+
+
+def test_parquet_and_npz_integer_columns_stay_int64_and_float_ones_make_floats(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from app.artifacts.loaders import DatasetLimits, load_dataset
+
+    ids = np.array([[3, 1], [0, 2], [7, 5]])
+    pq.write_table(pa.table({"t0": ids[:, 0], "t1": ids[:, 1], "label": [0, 1, 0]}), tmp_path / "ids.parquet")
+    loaded = load_dataset(tmp_path / "ids.parquet", "parquet", DatasetLimits())
+    assert loaded.inputs.dtype == np.int64 and loaded.inputs.tolist() == ids.tolist()
+    assert loaded.input_specs[0]["range"] == [0, 7]
+    pq.write_table(pa.table({"t0": ids[:, 0], "x": [0.5, 1.0, 2.0], "label": [0, 1, 0]}), tmp_path / "mixed.parquet")
+    assert load_dataset(tmp_path / "mixed.parquet", "parquet", DatasetLimits()).inputs.dtype == np.float32
+    np.savez(tmp_path / "two.npz", input_ids=ids.astype(np.int32), attention_mask=np.ones((3, 2), bool),
+             labels=np.array([0, 1, 0]))
+    two = load_dataset(tmp_path / "two.npz", "npz", DatasetLimits())
+    assert [(s["name"], s["dtype"], s["range"]) for s in two.input_specs] == [
+        ("input_ids", "int64", [0, 7]), ("attention_mask", "int64", [1, 1])]
