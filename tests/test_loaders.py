@@ -360,3 +360,35 @@ def test_onnx_embedding_tables_are_audited_weights(tmp_path, dynamo):
     assert bool(torch.isfinite(result.scores).all())
     fallback = [layer for layer in result.summary["estimator"]["layers"] if "fallback" in layer["treatment"]]
     assert "tokens_weight" in fallback[0]["layer"]
+
+
+def test_npz_priced_in_the_dtype_it_is_converted_to_before_inflating(tmp_path):
+    """int8 token ids become int64 (8x): a 0.4 MB archive declaring 0.4 GB of int8 zeros is refused from
+    its .npy header, against its converted size, before any array is read."""
+    import zipfile
+
+    import numpy as np
+
+    from app.artifacts.loaders import DatasetLimits, load_npz
+
+    path = tmp_path / "int8.npz"
+    shape = (1024, 400_000)
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as archive:
+        with archive.open("inputs.npy", "w", force_zip64=True) as f:
+            np.lib.format.write_array_header_1_0(f, {"descr": "|i1", "fortran_order": False, "shape": shape})
+            for _ in range(shape[0]):
+                f.write(bytes(shape[1]))
+        with archive.open("labels.npy", "w") as f:
+            np.lib.format.write_array(f, np.zeros(shape[0], np.int64))
+    limits = DatasetLimits(max_uncompressed_bytes=1024**3)  # the raw 0.4 GB passes, 3.7 GB converted does not
+    with pytest.raises(ArtifactError) as err:
+        load_npz(path, limits)
+    assert err.value.slug == "dataset-too-large" and err.value.status == 413 and "converted" in err.value.detail
+    # a forged header is the file's fault, named as such, not a crash
+    forged = tmp_path / "forged.npz"
+    with zipfile.ZipFile(forged, "w") as archive:
+        archive.writestr("inputs.npy", b"\x93NUMPY\x01\x00\x10\x00{'descr': 1+1}   \n")
+        archive.writestr("labels.npy", b"")
+    with pytest.raises(ArtifactError) as err:
+        load_npz(forged, limits)
+    assert err.value.slug == "invalid-npz"

@@ -638,6 +638,27 @@ def _finish_dataset(arrays: dict[str, np.ndarray], labels: np.ndarray, fmt: str,
     return LoadedDataset(arrays, labels, fmt, num_classes, counts)
 
 
+def _npy_bytes_after_loading(path: Path, member: str) -> int:
+    """Bytes an .npy member of the archive takes once read and converted (the read array and its
+    int64/float32 copy together), from its header alone: nothing is inflated beyond the header."""
+    try:
+        with zipfile.ZipFile(path) as archive, archive.open(member) as handle:
+            version = np.lib.format.read_magic(handle)
+            read_header = {(1, 0): np.lib.format.read_array_header_1_0,
+                           (2, 0): np.lib.format.read_array_header_2_0}.get(version)
+            if read_header is None:
+                raise ArtifactError("invalid-npz", f"`{member}` has an unsupported .npy format version {version}")
+            shape, _, dtype = read_header(handle, max_header_size=10_000)
+    except ArtifactError:
+        raise
+    except Exception as exc:  # a forged header: numpy reports it as ValueError/SyntaxError/..., all the file's fault
+        raise ArtifactError("invalid-npz", f"`{member}` does not start with a readable .npy header") from exc
+    if dtype.hasobject:
+        raise ArtifactError("dataset-object-arrays", "object arrays are refused (they need pickle); store numeric arrays")
+    count = math.prod(shape)
+    return count * (dtype.itemsize + (8 if dtype.kind in "iub" else 4))
+
+
 def load_npz(path: Path, limits: DatasetLimits) -> LoadedDataset:
     try:
         with zipfile.ZipFile(path) as archive:
@@ -666,6 +687,14 @@ def load_npz(path: Path, limits: DatasetLimits) -> LoadedDataset:
     total = sum(i.file_size for i in infos)
     if total > limits.max_uncompressed_bytes:
         raise ArtifactError("dataset-too-large", f"the arrays would take {total} bytes uncompressed; the limit is "
+                            f"{limits.max_uncompressed_bytes}", status=413)
+    # ... and in the dtype they get here (int8 ids become int64: 8x), while both copies exist
+    # (numpy reads a member named plain `inputs` in preference to `inputs.npy`: price the one it reads)
+    converted = sum(_npy_bytes_after_loading(path, name if name in members else name + ".npy")
+                    for name in (*input_names, "labels"))
+    if converted > limits.max_uncompressed_bytes:
+        raise ArtifactError("dataset-too-large", f"the arrays would take {converted} bytes in memory once loaded and "
+                            f"converted (integers to int64, other numbers to float32); the limit is "
                             f"{limits.max_uncompressed_bytes}", status=413)
     try:
         with np.load(path, allow_pickle=False) as npz:
