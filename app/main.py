@@ -20,6 +20,7 @@ from app.core.limits import BodySizeLimit
 
 log = logging.getLogger("pbrf_audit")
 
+HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 REQUESTS = Counter("pbrf_http_requests_total", "HTTP requests", ["method", "route", "status"])
 LATENCY = Histogram("pbrf_http_request_seconds", "HTTP request latency", ["method", "route"])
 
@@ -62,8 +63,10 @@ def create_app() -> FastAPI:
         response = await call_next(request)
         route = request.scope.get("route")
         path = getattr(route, "path", "unmatched")
-        REQUESTS.labels(request.method, path, str(response.status_code)).inc()
-        LATENCY.labels(request.method, path).observe(time.perf_counter() - started)
+        # label values from a fixed set: a client inventing HTTP methods must not add a series per request
+        method = request.method if request.method in HTTP_METHODS else "other"
+        REQUESTS.labels(method, path, str(response.status_code)).inc()
+        LATENCY.labels(method, path).observe(time.perf_counter() - started)
         return response
 
     @app.get("/healthz", tags=["operations"], summary="The process is up")

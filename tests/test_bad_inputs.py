@@ -180,3 +180,30 @@ def test_model_validation_runs_isolated_under_a_time_limit(tmp_path):
             assert c.get("/v1/models").json() == []
     finally:
         svc.stop()
+
+
+def test_invented_http_methods_do_not_grow_the_metrics(client):
+    """/metrics is unauthenticated: its label values come from fixed sets, so requests with made-up
+    methods (and unmatched paths) fold into `other` / `unmatched` instead of one series each."""
+    for i in range(20):
+        client.request(f"BREW{i}", f"/nothing/{i}")
+    text = client.get("/metrics").text
+    assert "BREW" not in text and "/nothing/" not in text
+    assert 'method="other"' in text
+
+
+@pytest.mark.parametrize("name", ["a\x00b", "tab\there", "\x1b[31mred", "   "])
+def test_names_with_control_characters_are_refused_before_anything_is_stored(client, service, name):
+    before = _store_files(service)
+    r = client.post("/v1/datasets", files={"file": ("d.npz", npz_bytes(inputs=np.zeros((2, 2), np.float32),
+                                                                      labels=np.zeros(2, np.int64)))},
+                    data={"name": name})
+    assert_problem(r, 422, "invalid-name")
+    assert _store_files(service) == before
+
+
+def test_a_file_name_with_a_nul_is_cleaned_not_stored_raw(client):
+    r = client.post("/v1/datasets", files={"file": ("bad\x00name.npz", npz_bytes(inputs=np.zeros((2, 2), np.float32),
+                                                                                labels=np.zeros(2, np.int64)))})
+    assert r.status_code == 201, r.text
+    assert "\x00" not in r.json()["name"] and r.json()["name"].endswith(".npz")

@@ -392,3 +392,26 @@ def test_npz_priced_in_the_dtype_it_is_converted_to_before_inflating(tmp_path):
     with pytest.raises(ArtifactError) as err:
         load_npz(forged, limits)
     assert err.value.slug == "invalid-npz"
+
+
+def test_safetensors_architecture_is_strict_and_compared_before_anything_is_built(tmp_path):
+    """An architecture of 4.3 billion weights with a tiny weights file is refused from the header alone
+    (building it first took 17 GB); a quoted number or an unknown field is refused, not guessed at."""
+    import resource
+    import time
+
+    path = tmp_path / "tiny.safetensors"
+    save_file({"0.weight": torch.zeros(2, 2), "0.bias": torch.zeros(2)}, str(path))
+    huge = {"type": "mlp", "input_size": 65_536, "hidden_sizes": [65_536], "num_classes": 3}
+    before, started = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, time.perf_counter()
+    with pytest.raises(ArtifactError) as err:
+        load_safetensors(path, json.dumps(huge))
+    assert err.value.slug == "weights-mismatch" and time.perf_counter() - started < 5
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 500_000  # KiB: nothing near 17 GB
+    for bad in ({"type": "mlp", "input_size": "2", "num_classes": 2}, {"type": "mlp", "input_size": 2, "num_classes": 2,
+                                                                        "dropout": 0.5}):
+        with pytest.raises(ArtifactError) as err:
+            load_safetensors(path, json.dumps(bad))
+        assert err.value.slug == "invalid-architecture"
+    loaded = load_safetensors(path, json.dumps({"type": "mlp", "input_size": 2, "num_classes": 2}))
+    assert loaded.num_parameters == 6

@@ -529,8 +529,7 @@ def load_safetensors(path: Path, architecture: dict | str | None) -> LoadedModel
     except ValidationError as exc:
         raise ArtifactError("invalid-architecture", f"invalid architecture: {exc.errors(include_url=False)}") from exc
     header = read_safetensors_header(path)
-    module = spec.build()
-    expected = {k: list(v.shape) for k, v in module.state_dict().items()}
+    expected = spec.state_shapes()  # nothing is built until the file is known to hold exactly these tensors
     found = {k: v["shape"] for k, v in header.items() if k != "__metadata__"}
     if expected.keys() != found.keys():
         missing, extra = sorted(expected.keys() - found.keys()), sorted(found.keys() - expected.keys())
@@ -544,6 +543,7 @@ def load_safetensors(path: Path, architecture: dict | str | None) -> LoadedModel
         tensors = load_file(str(path))
     except Exception as exc:
         raise ArtifactError("invalid-safetensors", f"could not read the tensors: {exc}") from exc
+    module = spec.build()
     module.load_state_dict({k: v.float() for k, v in tensors.items()}, strict=True)
     module.eval()
     num_parameters = _check_parameters(module)

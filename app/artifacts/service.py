@@ -25,6 +25,20 @@ def dataset_limits(settings: Settings) -> loaders.DatasetLimits:
                                  max_classes=settings.max_classes, max_uncompressed_bytes=settings.max_dataset_bytes)
 
 
+def display_name(name: str | None, filename: str | None, default: str) -> str:
+    """The record's name: the `name` field, else the uploaded file's base name. A NUL (which PostgreSQL
+    cannot store), another control character or text that is not valid UTF-8 in a given name is a 422;
+    in a file name it is replaced, since the client may not control it."""
+    if name is not None:
+        if any(ord(c) < 32 or ord(c) == 127 or 0xD800 <= ord(c) <= 0xDFFF for c in name) or not name.strip():
+            raise ProblemError(422, "invalid-name", "`name` must be non-empty printable UTF-8 text without control "
+                               "characters")
+        return name
+    base = Path((filename or default).replace("\0", "")).name or default
+    cleaned = "".join("\ufffd" if ord(c) < 32 or ord(c) == 127 or 0xD800 <= ord(c) <= 0xDFFF else c for c in base)
+    return cleaned[:255]
+
+
 def _problem(exc: loaders.ArtifactError) -> ProblemError:
     return ProblemError(exc.status, exc.slug, exc.detail)
 
@@ -52,6 +66,7 @@ def create_model(*, session: Session, store: ArtifactStore, settings: Settings, 
                  filename: str, name: str | None, architecture: str | None,
                  external_parts: list[tuple[str, BinaryIO]] = ()) -> ModelArtifact:
     """`external_parts`: (file name, stream) of each external-data file an ONNX model refers to."""
+    name = display_name(name, filename, "model")  # checked before any byte is staged
     names = _external_part_names(list(external_parts))
     try:
         fmt = loaders.detect_model_format(filename, _head(source))
@@ -74,7 +89,7 @@ def create_model(*, session: Session, store: ArtifactStore, settings: Settings, 
         raise _problem(exc) from exc
     except UploadTooLarge as exc:
         raise ProblemError(413, "payload-too-large", str(exc)) from exc
-    row = ModelArtifact(tenant_id=tenant_id, name=name or Path(filename or "model").name, format=fmt, sha256=sha,
+    row = ModelArtifact(tenant_id=tenant_id, name=name, format=fmt, sha256=sha,
                         size_bytes=size, num_parameters=loaded.num_parameters, input_shape=loaded.input_shape,
                         num_outputs=loaded.num_outputs, architecture=loaded.architecture, inputs=loaded.inputs,
                         external_data=[{"name": n, "sha256": h, "size_bytes": b} for n, _, h, b in staged_parts])
@@ -90,6 +105,7 @@ def external_paths(store: ArtifactStore, model: ModelArtifact) -> dict[str, Path
 
 def create_dataset(*, session: Session, store: ArtifactStore, settings: Settings, tenant_id: str, source: BinaryIO,
                    filename: str, name: str | None) -> DatasetArtifact:
+    name = display_name(name, filename, "dataset")
     try:
         fmt = loaders.detect_dataset_format(filename, _head(source))
         with store.staged(source, settings.max_upload_bytes, suffix="." + fmt) as (path, sha, size):
@@ -107,7 +123,7 @@ def create_dataset(*, session: Session, store: ArtifactStore, settings: Settings
         raise _problem(exc) from exc
     except UploadTooLarge as exc:
         raise ProblemError(413, "payload-too-large", str(exc)) from exc
-    row = DatasetArtifact(tenant_id=tenant_id, name=name or Path(filename or "dataset").name, format=fmt, sha256=sha,
+    row = DatasetArtifact(tenant_id=tenant_id, name=name, format=fmt, sha256=sha,
                           size_bytes=size, num_examples=loaded.num_examples, num_classes=loaded.num_classes,
                           input_shape=loaded.input_shape, inputs=loaded.input_specs, label_counts=loaded.label_counts)
     session.add(row)

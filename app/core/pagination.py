@@ -19,7 +19,8 @@ def decode_cursor(cursor: str | None, key: str) -> int:
     try:
         padded = cursor + "=" * (-len(cursor) % 4)
         value = json.loads(base64.urlsafe_b64decode(padded.encode()))[key]
-        if not isinstance(value, int) or value < 0:
+        # bool is an int to isinstance, and a value past BIGINT overflows the query: both are forgeries
+        if type(value) is not int or not 0 <= value < 2**62:
             raise ValueError
         return value
     except (ValueError, KeyError, TypeError, binascii.Error, UnicodeDecodeError):

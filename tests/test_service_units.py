@@ -1,0 +1,29 @@
+"""Fast, in-process checks of the service's small pure pieces (no server, no database)."""
+
+from __future__ import annotations
+
+import base64
+import json
+
+import pytest
+
+from app.core.errors import ProblemError
+from app.core.pagination import decode_cursor, encode_cursor
+
+
+def _forge(payload) -> str:
+    return base64.urlsafe_b64encode(json.dumps(payload).encode()).decode().rstrip("=")
+
+
+@pytest.mark.parametrize("cursor", [
+    _forge({"rank": 2**63}), _forge({"rank": True}), _forge({"rank": -1}), _forge({"rank": 1.5}),
+    _forge({"index": 3}), _forge([1]), "zzz", "%%%", base64.b64encode(b"\xff\xfe").decode(),
+])
+def test_forged_cursors_are_a_400_not_a_server_error(cursor):
+    with pytest.raises(ProblemError) as err:
+        decode_cursor(cursor, "rank")
+    assert err.value.status == 400
+
+
+def test_cursors_round_trip():
+    assert decode_cursor(encode_cursor("rank", 41), "rank") == 41 and decode_cursor(None, "rank") == 0
