@@ -259,3 +259,14 @@ def test_pbrf_verification_is_the_same_under_the_rounding_of_other_cpus(tmp_path
         for item, ref in zip(summary["items"], reference["items"]):
             if ref["pbrf"] is not None:
                 assert item["pbrf"] == pytest.approx(ref["pbrf"], rel=1e-4), name
+
+
+def test_a_damping_below_rounding_fails_readably_not_as_an_internal_error():
+    """G is only positive semi-definite; 5e-324 damping leaves it singular in float64: the audit must
+    say to raise the damping (it used to surface as '_LinAlgError')."""
+    from app.influence import AuditConfig, EngineError, run_audit
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 12), nn.ReLU(), nn.Linear(12, 3))  # 87 parameters, 10 examples: rank < P
+    with pytest.raises(EngineError, match="raise the damping"):
+        run_audit(model, torch.randn(10, 3), torch.randint(0, 3, (10,)), AuditConfig(method="exact", damping=5e-324))

@@ -242,6 +242,7 @@ def test_one_output_classifier_is_refused_readably():
     (b"f1,f1,label\n1,2,0\n", "dataset-shape"),
     (b"f1,label\n", "dataset-empty"),
     (b"f\xff1,label\n1,0\n", "invalid-csv"),
+    (b",".join(b"feature_%d" % i for i in range(100_000)) + b",label\n", "dataset-shape"),  # a header over 1 MiB
 ])
 def test_csv_errors_name_the_problem(tmp_path, text, slug):
     from app.artifacts.loaders import DatasetLimits, load_dataset

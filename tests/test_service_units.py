@@ -27,3 +27,18 @@ def test_forged_cursors_are_a_400_not_a_server_error(cursor):
 
 def test_cursors_round_trip():
     assert decode_cursor(encode_cursor("rank", 41), "rank") == 41 and decode_cursor(None, "rank") == 0
+
+
+@pytest.mark.parametrize("field", ["damping", "weight_decay", "flag_fraction", "pbrf_epsilon"])
+def test_nan_and_infinite_audit_parameters_are_refused_as_such(field):
+    """NaN used to be refused as 'less than or equal to 1000000', which is not the problem."""
+    from pydantic import ValidationError
+
+    from app.audits.schemas import AuditCreate
+
+    ids = {"model_id": "00000000-0000-4000-8000-000000000000", "dataset_id": "00000000-0000-4000-8000-000000000001"}
+    for value in ("NaN", "Infinity"):
+        with pytest.raises(ValidationError) as err:
+            AuditCreate.model_validate_json(f'{{"model_id": "{ids["model_id"]}", "dataset_id": "{ids["dataset_id"]}", '
+                                            f'"{field}": {value}}}')
+        assert "finite" in str(err.value)

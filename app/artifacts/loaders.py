@@ -495,6 +495,9 @@ def read_safetensors_header(path: Path) -> dict:
             header = json.loads(f.read(header_len))
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise ArtifactError("invalid-safetensors", f"the safetensors header is not valid JSON: {exc}") from exc
+        except RecursionError:  # [[[[...]]]] nested past the parser's stack
+            raise ArtifactError("invalid-safetensors", "the safetensors header nests too deeply to be a tensor "
+                                "index") from None
     if not isinstance(header, dict):
         raise ArtifactError("invalid-safetensors", "the safetensors header must be a JSON object")
     data_len = size - 8 - header_len
@@ -721,7 +724,11 @@ def load_csv(path: Path, limits: DatasetLimits) -> LoadedDataset:
 
     try:
         with open(path, "rb") as f:
-            first_line = f.readline(1 << 20).decode("utf-8").lstrip("\ufeff")  # a BOM is not part of the name
+            raw_line = f.readline(1 << 20)
+            if len(raw_line) == 1 << 20 and not raw_line.endswith(b"\n"):
+                raise ArtifactError("dataset-shape", "the CSV header row is longer than 1 MiB; store wide data as "
+                                    ".npz or .parquet")
+            first_line = raw_line.decode("utf-8").lstrip("\ufeff")  # a BOM is not part of the name
         header = next(csv.reader([first_line]), None)
     except UnicodeDecodeError as exc:
         raise ArtifactError("invalid-csv", f"the CSV header is not UTF-8 text: {exc}") from exc

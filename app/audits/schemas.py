@@ -18,8 +18,8 @@ class AuditCreate(BaseModel):
     model_id: uuid.UUID
     dataset_id: uuid.UUID
     method: str = Field("ekfac", max_length=32, description="Influence estimator (see GET /v1/methods)")
-    damping: float | None = Field(None, gt=0, le=1e6, description="lambda; null = 0.1 x mean eigenvalue of the curvature")
-    weight_decay: float = Field(0.0, ge=0, le=1e3, description="L2 strength used in training; added to the curvature")
+    damping: float | None = Field(None, gt=0, le=1e6, allow_inf_nan=False, description="lambda; null = 0.1 x mean eigenvalue of the curvature")
+    weight_decay: float = Field(0.0, ge=0, le=1e3, allow_inf_nan=False, description="L2 strength used in training; added to the curvature")
     batch_size: int | None = Field(None, ge=1, le=8192, description="Examples per batch; null = chosen from the model size")
     seed: int = Field(0, ge=0, le=2**31 - 1, description="Seed for sampled-label Fisher statistics")
     fisher_samples: int = Field(1, ge=0, le=64, description=(
@@ -27,10 +27,10 @@ class AuditCreate(BaseModel):
     lanczos_rank: int = Field(64, ge=1, le=2048, description="Eigenpairs kept by the lanczos method")
     verify_top_k: int = Field(0, ge=0, le=200, description=(
         "Solve the PBRF objective directly for this many top flags and report estimate-vs-PBRF agreement"))
-    pbrf_epsilon: float | None = Field(None, ge=-1.0, le=1.0, description=(
+    pbrf_epsilon: float | None = Field(None, ge=-1.0, le=1.0, allow_inf_nan=False, description=(
         "eps of the PBRF solved by verify_top_k; null = removal, -1/N. A smaller |eps| checks the first-order "
         "regime where removal is ill-posed (the verification summary says when)"))
-    flag_fraction: float | None = Field(None, gt=0, le=1, description=(
+    flag_fraction: float | None = Field(None, gt=0, le=1, allow_inf_nan=False, description=(
         "Fraction of examples flagged, most suspicious first; null = the method's rule "
         "(loo: confident learning's estimated number of label issues; others: 10%)"))
     curvature: Literal["auto", "exact", "ekfac", "kfac", "diagonal", "lanczos"] = Field("auto", description=(

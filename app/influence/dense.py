@@ -52,7 +52,12 @@ class ExactEstimator(Estimator):
                 raise EngineError("the model's Gauss-Newton curvature is zero on this data (constant outputs?); "
                                   "pass an explicit damping")
         damped = ggn + self.damping * torch.eye(ggn.shape[0], dtype=ggn.dtype, device=ggn.device)
-        self.cholesky = torch.linalg.cholesky(damped)
+        factor, info = torch.linalg.cholesky_ex(damped)
+        if int(info) != 0:  # G is only positive semi-definite: a damping below rounding leaves it singular
+            raise EngineError(f"the curvature plus damping {self.damping:.3g} is not positive definite in float64 "
+                              "(the damping is below the curvature's rounding error); raise the damping, e.g. to "
+                              f"{max(1e-8, 1e-10 * float(torch.diagonal(ggn).abs().max())):.1g} or more")
+        self.cholesky = factor
 
     def solve(self, vectors: torch.Tensor) -> torch.Tensor:
         """(G + lambda I)^-1 v for each row of `vectors` (B, P)."""
