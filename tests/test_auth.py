@@ -116,3 +116,7 @@ def test_idempotency_key_replays_the_first_result(secured, acme_objects):
         assert a2.headers["location"] == f"/v1/audits/{a1.json()['id']}"
         assert len(acme.get("/v1/audits").json()["items"]) == audits_before + 1
         wait_for_audit(acme, a1.json()["id"])
+        # a replay after the object was deleted does not hand out its dead id
+        assert acme.delete(f"/v1/datasets/{first.json()['id']}").status_code == 204
+        assert_problem(acme.post("/v1/datasets", files={"file": ("d.npz", content)}, headers={"Idempotency-Key": "upload-1"}),
+                       410, "idempotency-replay-deleted")

@@ -10,6 +10,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Header, Query, Response
 from fastapi.responses import StreamingResponse
+from sqlalchemy.exc import InvalidRequestError
 
 from app.artifacts.router import IdempotencyKey
 from app.auth import idempotency
@@ -49,10 +50,15 @@ def create_audit(body: AuditCreate, session: SessionDep, tenant: TenantDep, resp
         lambda: service.create_audit(session=session, tenant_id=tenant, request=body), AuditOut, 202)
     if audit is None:
         return result
-    service.enqueue(session, audit.id)
-    session.refresh(audit)
-    response.headers["Location"] = f"/v1/audits/{audit.id}"
+    audit_id = audit.id
+    service.enqueue(session, audit_id)
+    response.headers["Location"] = f"/v1/audits/{audit_id}"
     response.headers["Retry-After"] = "2"
+    try:
+        session.refresh(audit)
+    except InvalidRequestError:
+        # already finished and deleted with its model by a concurrent DELETE: answer what was created
+        return result
     return audit
 
 

@@ -10,10 +10,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import BinaryIO
-
 from collections.abc import Callable
-from typing import Any
+from typing import Any, BinaryIO
 
 from fastapi.responses import JSONResponse
 from sqlalchemy import select
@@ -46,9 +44,25 @@ def replay(session: Session, tenant_id: str, endpoint: str, key: str, request_sh
         raise ProblemError(422, "idempotency-key-reused",
                            "this Idempotency-Key was already used with a different request; use a new key")
     headers = {"Idempotency-Replayed": "true"}
+    if isinstance(record.response, dict) and "id" in record.response and not _still_exists(session, endpoint,
+                                                                                             record.response["id"]):
+        raise ProblemError(410, "idempotency-replay-deleted",
+                           f"this Idempotency-Key created {record.response['id']}, which has since been deleted; "
+                           "send the request with a new key to create it again")
     if isinstance(record.response, dict) and "id" in record.response:
         headers["Location"] = f"/v1/{endpoint.split('/')[-1]}/{record.response['id']}"
     return JSONResponse(record.response, status_code=record.status_code, headers=headers)
+
+
+def _still_exists(session: Session, endpoint: str, object_id: str) -> bool:
+    """Whether the object a first response named is still there (a replay must not hand out a dead id)."""
+    import uuid
+
+    from app.artifacts.tables import DatasetArtifact, ModelArtifact
+    from app.audits.tables import Audit
+
+    table = {"POST /v1/models": ModelArtifact, "POST /v1/datasets": DatasetArtifact, "POST /v1/audits": Audit}.get(endpoint)
+    return table is None or session.get(table, uuid.UUID(str(object_id))) is not None
 
 
 def remember(session: Session, tenant_id: str, endpoint: str, key: str, request_sha256: str, status_code: int,

@@ -8,6 +8,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
+from sqlalchemy.exc import IntegrityError, OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 PROBLEM_BASE = "https://pbrf-audit.dev/problems/"
@@ -72,6 +73,20 @@ def install_error_handlers(app: FastAPI) -> None:
                   for e in exc.errors()]
         detail = "; ".join(f"{'.'.join(e['loc'])}: {e['msg']}" for e in errors) or "invalid request"
         return problem_response(422, "validation-error", detail, instance=str(request.url.path), errors=errors)
+
+    @app.exception_handler(IntegrityError)
+    async def _integrity(request: Request, exc: IntegrityError):
+        # e.g. a model deleted while an audit naming it was being created: the other request won the race.
+        # The database's own text (SQL, parameters) never reaches the client.
+        return problem_response(409, "conflict", "the request conflicts with a concurrent change to the objects it "
+                                "names (one was deleted or changed meanwhile); read them again and retry",
+                                instance=str(request.url.path))
+
+    @app.exception_handler(OperationalError)
+    async def _database_busy(request: Request, exc: OperationalError):
+        # a locked or unreachable database is a transient condition, not a server bug: tell clients when to retry
+        return problem_response(503, "database-busy", "the database is busy or unreachable; retry shortly",
+                                instance=str(request.url.path), headers={"Retry-After": "5"})
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception):
