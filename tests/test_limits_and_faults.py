@@ -67,6 +67,29 @@ def test_body_limit_and_time_limit(tmp_path, slow_inputs):
         svc.stop()
 
 
+def test_flags_stored_are_bounded_and_the_rest_stay_in_the_scores(tmp_path):
+    """flag_fraction=1.0 on a large dataset used to write one flag row per example in one transaction
+    (2.5M rows held SQLite's lock for 65 s); PBRF_MAX_FLAGS bounds the rows, the summary says so, and
+    every score is still served."""
+    svc = Service(_service_env("embedded", None) | {"PBRF_MAX_FLAGS": "7"}, tmp_path / "flags")
+    svc.start()
+    try:
+        with svc.client() as client:
+            inputs, labels = synthetic_classification(n=60, features=4, classes=3, seed=9)
+            path = export_onnx(quick_mlp(inputs, labels, hidden=4), torch.from_numpy(inputs[:2]), tmp_path / "m.onnx")
+            body = {"model_id": upload_model(client, path).json()["id"], "method": "identity", "flag_fraction": 1.0,
+                    "dataset_id": upload_dataset(client, npz_bytes(inputs=inputs, labels=labels)).json()["id"]}
+            final, _ = wait_for_audit(client, client.post("/v1/audits", json=body).json()["id"])
+            assert final["status"] == "succeeded", final
+            assert final["summary"]["num_flags_stored"] == 7 and "PBRF_MAX_FLAGS" in final["summary"]["flags_note"]
+            flags = client.get(f"/v1/audits/{final['id']}/flags", params={"limit": 100}).json()["items"]
+            assert [f["rank"] for f in flags] == list(range(1, 8))
+            scores = client.get(f"/v1/audits/{final['id']}/scores", params={"limit": 100}).json()["items"]
+            assert len(scores) == 60
+    finally:
+        svc.stop()
+
+
 def _start_redis(port: int, workdir) -> subprocess.Popen:
     proc = subprocess.Popen([shutil.which("redis-server"), "--port", str(port), "--bind", "127.0.0.1", "--save", "",
                              "--appendonly", "no", "--dir", str(workdir)], stdout=subprocess.DEVNULL)

@@ -219,7 +219,13 @@ def run_audit_job(audit_id: uuid.UUID, settings: Settings, factory: sessionmaker
             progress("saving", 1.0)
             # still heartbeating: saving a large result must not look like a dead worker
             scores_sha = store.put_bytes(_scores_file(result, dataset.labels))
-            flagged = result.flagged.tolist()
+            # the flags are one transaction: bounded, so that it never holds the database for long
+            flagged = result.flagged.tolist()[: settings.max_flags]
+            if len(flagged) < result.flagged.numel():
+                result.summary["num_flags_stored"] = len(flagged)
+                result.summary["flags_note"] = (
+                    f"{result.flagged.numel()} examples were flagged; the {len(flagged)} most suspicious are stored "
+                    "as flags (PBRF_MAX_FLAGS); every example's score is in /scores and /scores.csv")
             rows = [{"audit_id": audit_id, "rank": rank, "example_index": int(i), "given_label": int(dataset.labels[i]),
                      "predicted_label": int(result.predicted[i]), "score": float(result.scores[i]),
                      "loss": float(result.losses[i]), "given_label_probability": float(result.given_probability[i]),

@@ -33,6 +33,9 @@ class Settings(BaseSettings):
     max_features: int = 10_000_000  # elements per example
     max_classes: int = 100_000
     max_exact_parameters: int = 12_000
+    max_flags: int = Field(20_000, ge=1, description=(
+        "Flag rows stored per audit (most suspicious first); every example's score stays in the scores file. "
+        "Bounds the results transaction, which would otherwise lock the database for other tenants."))
     model_validation_timeout_seconds: float = Field(120.0, description="Limit for converting + smoke-testing an upload.")
     max_active_audits_per_tenant: int = Field(
         20, ge=1, description="Queued or running audits one tenant may have; a new one above that gets 429.")
