@@ -165,6 +165,47 @@ def test_hostile_corpus_is_rejected_without_side_effects(client, service, entry)
     assert not marker.exists()
 
 
+def _memory_hog(path: Path, values: int) -> Path:
+    """A valid 1 kB ONNX model whose forward pass materialises `values` floats (ConstantOfShape + Add)."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    initializers = [numpy_helper.from_array(np.ones((4, 3), np.float32), "W"),
+                    numpy_helper.from_array(np.array([1, values], np.int64), "shape"),
+                    numpy_helper.from_array(np.array([1], np.int64), "axes")]
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["h"]),
+             helper.make_node("ConstantOfShape", ["shape"], ["big"],
+                              value=helper.make_tensor("v", TensorProto.FLOAT, [1], [0.0])),
+             helper.make_node("Add", ["big", "big"], ["doubled"]),
+             helper.make_node("ReduceSum", ["doubled", "axes"], ["total"], keepdims=1),
+             helper.make_node("Add", ["h", "total"], ["y"])]
+    graph = helper.make_graph(nodes, "hog", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 3])], initializers)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    return path
+
+
+def test_model_validation_runs_under_a_memory_limit_and_a_concurrency_cap(tmp_path):
+    """A 1 kB graph that allocates 2.4 GB while it runs is refused by the validator's memory limit (it
+    used to take whatever it asked for); with every validation slot taken, an upload is told to retry."""
+    from app.artifacts.inspect_model import _validation_slot, inspect_in_subprocess
+    from app.artifacts.loaders import ArtifactError
+
+    hog = _memory_hog(tmp_path / "hog.onnx", 600_000_000)
+    with pytest.raises(ArtifactError) as err:
+        inspect_in_subprocess(hog, "onnx", None, 120, memory_bytes=256 * 1024**2)
+    assert err.value.slug == "model-memory-limit" and "PBRF_MODEL_VALIDATION_MEMORY_BYTES" in err.value.detail
+    slot = _validation_slot(2)
+    assert slot.acquire(timeout=1) and slot.acquire(timeout=1)
+    try:
+        with pytest.raises(ArtifactError) as err:
+            inspect_in_subprocess(hog, "onnx", None, 120, wait_seconds=0.1)
+        assert err.value.slug == "validator-busy" and err.value.status == 503
+    finally:
+        slot.release()
+        slot.release()
+
+
 def test_model_validation_runs_isolated_under_a_time_limit(tmp_path):
     """Conversion and the smoke forward pass run in a child process; one that overruns is refused."""
     from tests.conftest import Service, _service_env

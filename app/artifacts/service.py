@@ -40,7 +40,7 @@ def display_name(name: str | None, filename: str | None, default: str) -> str:
 
 
 def _problem(exc: loaders.ArtifactError) -> ProblemError:
-    return ProblemError(exc.status, exc.slug, exc.detail)
+    return ProblemError(exc.status, exc.slug, exc.detail, headers={"Retry-After": "5"} if exc.status == 503 else None)
 
 
 def _head(source: BinaryIO) -> bytes:
@@ -81,7 +81,9 @@ def create_model(*, session: Session, store: ArtifactStore, settings: Settings, 
                 used += part[2]
             # conversion and the smoke forward pass run in a separate process under a time limit
             loaded = inspect_in_subprocess(path, fmt, architecture, settings.model_validation_timeout_seconds,
-                                           external={n: p for n, p, _, _ in staged_parts})
+                                           external={n: p for n, p, _, _ in staged_parts},
+                                           memory_bytes=settings.model_validation_memory_bytes,
+                                           concurrency=settings.max_concurrent_validations)
             store.commit(path, sha)
             for _, part_path, part_sha, _ in staged_parts:
                 store.commit(part_path, part_sha)

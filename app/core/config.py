@@ -37,6 +37,11 @@ class Settings(BaseSettings):
         "Flag rows stored per audit (most suspicious first); every example's score stays in the scores file. "
         "Bounds the results transaction, which would otherwise lock the database for other tenants."))
     model_validation_timeout_seconds: float = Field(120.0, description="Limit for converting + smoke-testing an upload.")
+    model_validation_memory_bytes: int = Field(8 * 1024**3, ge=256 * 1024**2, description=(
+        "Data-segment limit (RLIMIT_DATA) of the process that converts and smoke-tests an uploaded model, on top "
+        "of what its imports take: a graph or architecture that would allocate more is refused, not run."))
+    max_concurrent_validations: int = Field(2, ge=1, description=(
+        "Model validations one API process runs at once; another upload waits up to 10 s, then gets 503."))
     max_active_audits_per_tenant: int = Field(
         20, ge=1, description="Queued or running audits one tenant may have; a new one above that gets 429.")
 
