@@ -271,3 +271,19 @@ def test_deleting_a_model_while_an_audit_is_created_from_it_is_never_a_server_er
                 assert response.status_code in (202, 204, 404, 409), response.text + logs[logs.rfind("Traceback"):][:4000]
                 assert "SQL" not in response.text and "INSERT" not in response.text
     assert seen & {202, 204}
+
+
+def test_audit_parameters_that_would_exhaust_the_worker_are_priced_at_creation(client, tmp_path):
+    """lanczos_rank=2048 on a 361k-parameter model (2 x 2048 x P float64 = 11.8 GB) used to kill the worker
+    three times before the audit was 'lost'; now it is refused up front with the estimate and the budget,
+    and the same audit at the default rank is accepted."""
+    model = torch.nn.Sequential(torch.nn.Linear(600, 600), torch.nn.ReLU(), torch.nn.Linear(600, 3))
+    m = client.post("/v1/models", files={"file": ("m.onnx", export_onnx(model, torch.zeros(2, 600),
+                                                                         tmp_path / "m.onnx").read_bytes())}).json()
+    d = upload_dataset(client, npz_bytes(inputs=np.zeros((8, 600), np.float32), labels=np.arange(8) % 3)).json()
+    body = {"model_id": m["id"], "dataset_id": d["id"], "method": "lanczos", "lanczos_rank": 2048}
+    problem = assert_problem(client.post("/v1/audits", json=body), 422, "audit-over-memory-budget")
+    assert "Lanczos basis" in problem["detail"] and "PBRF_WORKER_MEMORY_BYTES" in problem["detail"]
+    accepted = client.post("/v1/audits", json=body | {"lanczos_rank": 8})
+    assert accepted.status_code == 202, accepted.text
+    client.post(f"/v1/audits/{accepted.json()['id']}/cancel")

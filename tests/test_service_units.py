@@ -42,3 +42,18 @@ def test_nan_and_infinite_audit_parameters_are_refused_as_such(field):
             AuditCreate.model_validate_json(f'{{"model_id": "{ids["model_id"]}", "dataset_id": "{ids["dataset_id"]}", '
                                             f'"{field}": {value}}}')
         assert "finite" in str(err.value)
+
+
+def test_audit_memory_estimate_grows_with_the_parameters_that_drive_it():
+    from app.audits.schemas import AuditCreate
+    from app.audits.service import estimate_worker_bytes
+
+    ids = {"model_id": "00000000-0000-4000-8000-000000000000", "dataset_id": "00000000-0000-4000-8000-000000000001"}
+    P, C, N, D = 529_000, 10, 100_000, 64
+    ekfac = sum(estimate_worker_bytes(AuditCreate(**ids), P, C, N, D).values())
+    lanczos = sum(estimate_worker_bytes(AuditCreate(**ids, method="lanczos", lanczos_rank=2048), P, C, N, D).values())
+    exact = estimate_worker_bytes(AuditCreate(**ids, method="exact", batch_size=8192), 12_000, C, N, D)
+    verify = estimate_worker_bytes(AuditCreate(**ids, verify_top_k=1), 2_000, C, N, D)
+    assert ekfac < 1024**3 < 8 * 1024**3 < lanczos  # 2 x 2048 x 529k x 8 bytes = 17 GB
+    assert exact["batch Jacobians"] == 8192 * C * 12_000 * 12 and exact["dense curvature (P x P, float64, 3 copies)"] > 0
+    assert verify["PBRF verification"] > 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import uuid
 from functools import lru_cache
 from pathlib import Path
@@ -24,6 +25,31 @@ from .schemas import TERMINAL, AuditCreate
 from .tables import Audit, AuditFlag
 
 log = logging.getLogger(__name__)
+
+
+def estimate_worker_bytes(request: AuditCreate, num_parameters: int, num_outputs: int, num_examples: int,
+                          values_per_example: int) -> dict[str, int]:
+    """What an audit's parameters make the worker allocate, priced before it is queued (a request that
+    cannot fit would be killed, retried and killed again). Upper estimates of the big terms only; the
+    blockwise estimators plan their own batches within a fixed budget (BATCH_STATE_BYTES)."""
+    P, C, N = num_parameters, num_outputs, num_examples
+    dense = request.method == "exact" or (request.method == "loo" and request.curvature == "exact")
+    lanczos = request.method == "lanczos" or (request.method == "loo" and request.curvature == "lanczos")
+    # the explicit batch's per-example Jacobians (B x C x P, float32 and a float64 copy); an automatic
+    # batch size is chosen to keep them small
+    jacobians = (request.batch_size or 0) * C * P * 12 if request.method in ("exact", "cg", "loo", "lanczos") else 0
+    estimate = {
+        "the dataset (loaded, packed)": N * values_per_example * 8 * 2,
+        "per-example results": N * 8 * 12,
+        "dense curvature (P x P, float64, 3 copies)": 3 * P * P * 8 if dense else 0,
+        "Lanczos basis (rank x P, float64, 2 copies)": 2 * request.lanczos_rank * P * 8 if lanczos else 0,
+        "batch Jacobians": jacobians,
+        # the PBRF check runs the whole dataset in float64 at once (inputs, outputs, a few activations'
+        # worth) and, for models up to 3,000 parameters, dense Hessians
+        "PBRF verification": (N * (values_per_example + C) * 8 * 8 + (3 * P * P * 8 if P <= 3000 else 0)
+                              if request.verify_top_k else 0),
+    }
+    return estimate
 
 
 def create_audit(*, session: Session, tenant_id: str, request: AuditCreate) -> Audit:
@@ -50,6 +76,15 @@ def create_audit(*, session: Session, tenant_id: str, request: AuditCreate) -> A
         raise ProblemError(422, "dataset-too-large-for-method",
                            "method 'cg' solves one linear system per example and is limited to 512 examples; "
                            "use ekfac or exact")
+    values = sum(math.prod(spec["shape"]) for spec in dataset_inputs(dataset))
+    estimate = estimate_worker_bytes(request, model.num_parameters, model.num_outputs, dataset.num_examples, values)
+    total = sum(estimate.values())
+    if total > settings.worker_memory_bytes:
+        parts = ", ".join(f"{name} {size / 1024**3:.2f} GiB" for name, size in estimate.items() if size)
+        raise ProblemError(422, "audit-over-memory-budget",
+                           f"this audit would need about {total / 1024**3:.1f} GiB of worker memory ({parts}); the "
+                           f"worker budget is {settings.worker_memory_bytes / 1024**3:.1f} GiB (PBRF_WORKER_MEMORY_BYTES)"
+                           ". Lower the parameter that dominates (lanczos_rank, batch_size, verify_top_k) or use ekfac.")
     # A per-tenant quota keeps one client from filling the shared queue. It is a soft bound: two
     # requests racing past the count can overshoot it by one each, which is harmless.
     active = session.scalar(select(func.count()).select_from(Audit)

@@ -33,6 +33,9 @@ class Settings(BaseSettings):
     max_features: int = 10_000_000  # elements per example
     max_classes: int = 100_000
     max_exact_parameters: int = 12_000
+    worker_memory_bytes: int = Field(8 * 1024**3, ge=256 * 1024**2, description=(
+        "Memory one audit may make a worker allocate; an audit whose parameters (lanczos_rank, batch_size, "
+        "verify_top_k) price above it is refused at creation with the estimate."))
     max_flags: int = Field(20_000, ge=1, description=(
         "Flag rows stored per audit (most suspicious first); every example's score stays in the scores file. "
         "Bounds the results transaction, which would otherwise lock the database for other tenants."))
