@@ -82,6 +82,22 @@ def main() -> None:
         archive.writestr("labels.npy", npz(labels=np.zeros(1, np.int64)))
     add("zip-bomb.npz", "dataset", bomb.getvalue(), 413, "dataset-too-large",
         "320 MB of zeros declared in a ~300 KB .npz (the test services allow 256 MB)")
+    widening = io.BytesIO()
+    with zipfile.ZipFile(widening, "w", zipfile.ZIP_DEFLATED) as archive:
+        with archive.open("inputs.npy", "w", force_zip64=True) as f:
+            np.lib.format.write_array_header_1_0(f, {"descr": "|i1", "fortran_order": False, "shape": (1024, 200_000)})
+            for _ in range(1024):
+                f.write(b"\0" * 200_000)
+        with archive.open("labels.npy", "w") as f:
+            np.lib.format.write_array(f, np.zeros(1024, np.int64))
+    add("int8-widening.npz", "dataset", widening.getvalue(), 413, "dataset-too-large",
+        "205 MB of int8 ids in a ~200 KB .npz, under the raw-size guard; as int64 they would take 1.6 GB")
+    add("labels-only.npz", "dataset", npz(labels=np.zeros(3, np.int64)), 422, "invalid-npz",
+        "labels and no input array")
+    add("ragged-named-inputs.npz", "dataset", npz(input_ids=np.zeros((4, 5), np.int64),
+                                                  attention_mask=np.ones((3, 5), np.int64),
+                                                  labels=np.zeros(4, np.int64)), 422, "dataset-shape",
+        "two named inputs of a multi-input model that disagree on the number of examples")
     add("object-array.npz", "dataset", npz(inputs=np.array([{"x": 1}, None], dtype=object), labels=np.array([0, 1])),
         422, "dataset-object-arrays", "object arrays, which only pickle can load")
     add("truncated.npz", "dataset", npz(inputs=np.zeros((50, 4), np.float32), labels=np.zeros(50, np.int64))[:300],
