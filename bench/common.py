@@ -27,9 +27,12 @@ def metrics(scores: np.ndarray, flipped: np.ndarray) -> dict:
     return out
 
 
-def kronfluence_self_influence(model: nn.Module, x: np.ndarray, y: np.ndarray, strategy: str = "ekfac",
-                               damping: float | None = None, batch_size: int = 256, workdir: str = "/tmp/kronfluence") -> np.ndarray:
-    """kronfluence 1.0.1's self-influence scores with its own pipeline (factors, then self scores), CPU."""
+def kronfluence_self_influence(model: nn.Module, x: np.ndarray | tuple[np.ndarray, ...], y: np.ndarray,
+                               strategy: str = "ekfac", damping: float | None = None, batch_size: int = 256,
+                               workdir: str = "/tmp/kronfluence") -> np.ndarray:
+    """kronfluence 1.0.1's self-influence scores with its own pipeline (factors, then self scores), CPU.
+    `x` is one input array, or a tuple of arrays for a model that takes several (input_ids, attention_mask):
+    the model is called as model(*inputs). kronfluence covers the model's Linear and Conv2d layers."""
     import logging
 
     from kronfluence.analyzer import Analyzer, prepare_model
@@ -40,18 +43,19 @@ def kronfluence_self_influence(model: nn.Module, x: np.ndarray, y: np.ndarray, s
 
     class ClassificationTask(Task):
         def compute_train_loss(self, batch, model, sample=False):
-            inputs, labels = batch
-            logits = model(inputs)
+            *inputs, labels = batch
+            logits = model(*inputs)
             if sample:
                 with torch.no_grad():
                     labels = torch.multinomial(torch.softmax(logits.detach(), -1), 1).flatten()
             return nn.functional.cross_entropy(logits, labels, reduction="sum")
 
         def compute_measurement(self, batch, model):
-            inputs, labels = batch
-            return nn.functional.cross_entropy(model(inputs), labels, reduction="sum")
+            *inputs, labels = batch
+            return nn.functional.cross_entropy(model(*inputs), labels, reduction="sum")
 
-    dataset = torch.utils.data.TensorDataset(torch.from_numpy(x), torch.from_numpy(y))
+    xs = x if isinstance(x, tuple) else (x,)
+    dataset = torch.utils.data.TensorDataset(*(torch.from_numpy(a) for a in xs), torch.from_numpy(y))
     task = ClassificationTask()
     import copy
 
@@ -66,18 +70,24 @@ def kronfluence_self_influence(model: nn.Module, x: np.ndarray, y: np.ndarray, s
     return analyzer.load_self_scores("s")["all_modules"].double().numpy()
 
 
-def cleanlab_out_of_fold(x: np.ndarray, y: np.ndarray, train_fn, folds: int = 5, seed: int = 0):
+def cleanlab_out_of_fold(x: np.ndarray | tuple[np.ndarray, ...], y: np.ndarray, train_fn, folds: int = 5,
+                         seed: int = 0):
     """cleanlab on 5-fold out-of-fold probabilities from retraining the same model: returns
-    (score for every example, higher = more suspicious; flagged indices from find_label_issues)."""
+    (score for every example, higher = more suspicious; flagged indices from find_label_issues).
+    `x` is one input array, or a tuple of arrays for a model that takes several; train_fn gets the
+    training part in the same form and returns a model called as model(*inputs)."""
     from cleanlab.filter import find_label_issues
     from cleanlab.rank import get_label_quality_scores
     from sklearn.model_selection import StratifiedKFold
 
+    xs = x if isinstance(x, tuple) else (x,)
     probs = np.zeros((len(y), int(y.max()) + 1))
-    for train_idx, held_idx in StratifiedKFold(folds, shuffle=True, random_state=seed).split(x, y):
-        model = train_fn(x[train_idx], y[train_idx])
+    for train_idx, held_idx in StratifiedKFold(folds, shuffle=True, random_state=seed).split(np.zeros(len(y)), y):
+        part = tuple(a[train_idx] for a in xs)
+        model = train_fn(part if isinstance(x, tuple) else part[0], y[train_idx])
         with torch.no_grad():
-            probs[held_idx] = torch.softmax(model(torch.from_numpy(x[held_idx])).double(), -1).numpy()
+            logits = model(*(torch.from_numpy(a[held_idx]) for a in xs))
+            probs[held_idx] = torch.softmax(logits.double(), -1).numpy()
     quality = get_label_quality_scores(y, probs, method="self_confidence")
     issues = find_label_issues(y, probs, return_indices_ranked_by="self_confidence")
     return 1.0 - quality, issues, probs
