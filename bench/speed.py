@@ -3,6 +3,12 @@ against kronfluence's EK-FAC self-influence, each measured in its own subprocess
 
     .venv/bin/python bench/speed.py [--n 20000] [--kronfluence-n 20000]
 Writes bench/results/speed.md. Ratios are what to read: timings on 2-core machines are noisy.
+
+    .venv/bin/python bench/speed.py --rows cnn:ours-ekfac,rescnn:ours-ekfac [--repeat 3]
+measures only those rows and each model's training epoch (the fastest of --repeat runs of each, every
+run its own subprocess), prints them and writes nothing. Models: mlp, cnn (the table's), rescnn (a
+residual CNN with BatchNorm on 3x32x32, tests/zoo.py) and transformer (tests/zoo.py's encoder on token
+ids and a padding mask, packed side by side).
 """
 
 from __future__ import annotations
@@ -23,7 +29,15 @@ from common import ROOT, environment, table, write_result
 
 def make_data(kind: str, n: int, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
-    if kind == "mlp":
+    if kind == "transformer":
+        from tests.zoo import token_classification
+
+        ids, mask, labels = token_classification(n, seed=seed)
+        return torch.cat([torch.from_numpy(ids), torch.from_numpy(mask)], 1), torch.from_numpy(labels)
+    if kind == "rescnn":
+        x = torch.randn(n, 3, 32, 32, generator=g)
+        teacher = torch.randn(3 * 32 * 32, 10, generator=g)
+    elif kind == "mlp":
         x = torch.randn(n, 256, generator=g)
         teacher = torch.randn(256, 10, generator=g)
     else:
@@ -35,8 +49,27 @@ def make_data(kind: str, n: int, seed: int = 0):
     return x, y
 
 
+class PackedInputs(nn.Module):
+    """Token ids and attention mask laid side by side in one int64 tensor, as the service packs them."""
+
+    def __init__(self, model: nn.Module, length: int = 16):
+        super().__init__()
+        self.model, self.length = model, length
+
+    def forward(self, packed):
+        return self.model(packed[..., : self.length], packed[..., self.length :])
+
+
 def make_model(kind: str) -> nn.Module:
     torch.manual_seed(0)
+    if kind == "rescnn":
+        from tests.zoo import ResidualCNN
+
+        return ResidualCNN(classes=10, width=16)
+    if kind == "transformer":
+        from tests.zoo import TinyTransformer
+
+        return PackedInputs(TinyTransformer(layers=2))
     if kind == "mlp":
         return nn.Sequential(nn.Linear(256, 512), nn.ReLU(), nn.Linear(512, 256), nn.ReLU(), nn.Linear(256, 10))
     return nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 32, 3, stride=2, padding=1), nn.ReLU(),
@@ -91,10 +124,34 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=20_000)
     parser.add_argument("--kronfluence-n", type=int, default=20_000)
     parser.add_argument("--cnn-n", type=int, default=10_000)
+    parser.add_argument("--rescnn-n", type=int, default=2_000)
+    parser.add_argument("--transformer-n", type=int, default=10_000)
+    parser.add_argument("--rows", help="comma-separated kind:task rows to measure alone (see the docstring)")
+    parser.add_argument("--repeat", type=int, default=1)
     args = parser.parse_args()
     if args.child:
         task, kind, n = args.child
         print(json.dumps(child(task, kind, int(n))))
+        return
+    if args.rows:
+        sizes = {"mlp": args.n, "cnn": args.cnn_n, "rescnn": args.rescnn_n, "transformer": args.transformer_n}
+        wanted = [row.split(":", 1) for row in args.rows.split(",")]
+        rows = []
+        for kind in dict.fromkeys(kind for kind, _ in wanted):
+            n = sizes[kind]
+            runs = {"epoch": []} | {task: [] for k, task in wanted if k == kind and task != "epoch"}
+            for _ in range(args.repeat):  # interleaved, so that a noisy spell hits every row alike
+                for task in runs:
+                    runs[task].append(measure(task, kind, n))
+            best = {task: min(ms, key=lambda m: m["seconds"]) for task, ms in runs.items()}
+            params = sum(p.numel() for p in make_model(kind).parameters())
+            for task, m in best.items():
+                rows.append({"model": f"{kind} ({params / 1000:.0f}k params)", "N": n, "method": task,
+                             "seconds": m["seconds"], "epochs' worth": m["seconds"] / best["epoch"]["seconds"],
+                             "peak RSS MB": m["peak_rss_mb"]})
+                print(rows[-1], flush=True)
+        print(f"\nEnvironment: {environment()}; fastest of {args.repeat} run(s) each\n")
+        print(table(rows, ["model", "N", "method", "seconds", "epochs' worth", "peak RSS MB"]))
         return
 
     params = {k: sum(p.numel() for p in make_model(k).parameters()) for k in ("mlp", "cnn")}

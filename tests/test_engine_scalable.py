@@ -235,3 +235,158 @@ def test_a_model_that_is_one_linear_layer_is_counted_once():
         a = run_audit(bare, x, y, AuditConfig(method=method)).scores
         b = run_audit(wrapped, x, y, AuditConfig(method=method)).scores
         torch.testing.assert_close(a, b)
+
+
+class _ConvZoo(nn.Module):
+    """Every way the blockwise engine handles a layer: a "same"-padded convolution (patches copied per
+    kernel offset), a strided one (im2col), a dilated convolution applied twice (shared weights), a
+    linear map over positions, a one-position head; BatchNorm, LayerNorm and a position embedding added
+    across the batch (per-example gradients from hooks) and a PReLU (torch.func)."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(2, 8, 3, padding="same")
+        self.bn = nn.BatchNorm2d(8)
+        self.c2 = nn.Conv2d(8, 2, 3, stride=2, padding=1)
+        self.c3 = nn.Conv2d(2, 8, 5, padding=4, dilation=2, bias=False)
+        self.lin = nn.Linear(8, 12)
+        self.pos = nn.Embedding(4, 12)
+        self.norm = nn.LayerNorm(12)
+        self.act = nn.PReLU(4)  # dim 1 of (B, 4, 12)
+        self.head = nn.Linear(48, 3)
+        self.register_buffer("index", torch.arange(4))
+
+    def forward(self, x):
+        h = torch.tanh(self.bn(self.c1(x)))
+        h = torch.tanh(self.c2(h))  # (B, 2, 4, 4)
+        h = torch.tanh(self.c3(h)) + torch.tanh(self.c3(h.flip(3)))  # (B, 8, 4, 4)
+        h = nn.functional.avg_pool2d(h, 2).flatten(2).transpose(1, 2)  # 4 positions of 8 features
+        h = self.act(self.norm(self.lin(h) + self.pos(self.index)))
+        return self.head(h.flatten(1))
+
+
+def test_ekfac_on_convolutions_matches_a_straightforward_reference():
+    """EK-FAC's eigenvalues and scores on convolutions, shared and multi-position layers and fallback
+    parameters, against per-example gradients from torch.func and patches from F.unfold, with the
+    exact Fisher expectation (no sampling): the streaming fit, the audit's fused plan (the last pass
+    also scores) and the streaming audit all agree with it."""
+    from torch.func import functional_call, grad, vmap
+
+    from app.influence.functional import trainable_parameters
+
+    torch.manual_seed(0)
+    model = _ConvZoo()
+    with torch.no_grad():
+        model.bn.running_mean.uniform_(-0.5, 0.5)
+        model.bn.running_var.uniform_(0.5, 2.0)
+    model.eval().requires_grad_(False)
+    x, y = torch.randn(40, 2, 8, 8), torch.randint(0, 3, (40,))
+    loss, damping = CrossEntropyOutput(), 1e-3
+    est = fit("ekfac", model, x, y, damping=damping, fisher_samples=0)
+    assert {dm.name for dm in est.diag_modules} == {"bn", "pos", "norm"} and est.vmap_names == ["act.weight"]
+    assert [(b.layer.name, b.path) for b in est._layer_grads(x[:2], lambda o: [(o, None)] * 4).__next__().blocks] \
+        == [("c1", "formed"), ("c2", "formed"), ("c3", "positions"), ("lin", "positions"), ("head", "rank1")]
+
+    params = trainable_parameters(model)
+
+    def per_example(vectors):
+        def value(p, xi, v):
+            return (functional_call(model, p, (xi.unsqueeze(0),)).reshape(-1) * v).sum()
+
+        return vmap(grad(value), in_dims=(None, 0, 0))(params, x, vectors)
+
+    def layer_grad(g, name):
+        w = g[f"{name}.weight"].reshape(x.shape[0], est.state[name]["QS"].shape[0], -1)
+        return torch.cat([w, g[f"{name}.bias"].unsqueeze(2)], 2) if f"{name}.bias" in g else w
+
+    names = ["c1", "c2", "c3", "lin", "head"]
+    outputs = model(x)
+    root = loss.hessian_sqrt(outputs)
+    per_class = [per_example(root[:, c, :]) for c in range(root.shape[1])]
+    for name in names:
+        QA, QS = est.state[name]["QA"].double(), est.state[name]["QS"].double()
+        lam = sum((QS.T @ layer_grad(g, name).double() @ QA).pow(2) for g in per_class).mean(0)
+        torch.testing.assert_close(est.state[name]["L"], lam, rtol=1e-4, atol=1e-10)
+
+    # Q_A diagonalises the input covariance built from F.unfold patches (both calls of the shared conv)
+    inputs = {}
+    hooks = [getattr(model, n).register_forward_hook(lambda m, a, o, n=n: inputs.setdefault(n, []).append(a[0]))
+             for n in ("c1", "c2", "c3")]
+    model(x)
+    for h in hooks:
+        h.remove()
+    for name, pad in (("c1", 1), ("c2", 1), ("c3", 4)):
+        m = getattr(model, name)
+        patches = torch.cat([nn.functional.unfold(a, m.kernel_size, dilation=m.dilation, padding=pad,
+                                                  stride=m.stride).transpose(1, 2) for a in inputs[name]], 1)
+        if m.bias is not None:
+            patches = torch.cat([patches, torch.ones(*patches.shape[:2], 1)], 2)
+        A = torch.einsum("bti,btj->ij", patches.double(), patches.double())
+        rotated = est.state[name]["QA"].double().T @ A @ est.state[name]["QA"].double()
+        off = rotated - torch.diag(torch.diagonal(rotated))
+        assert float(off.abs().max()) < 1e-4 * float(rotated.abs().max()), name
+
+    # scores from the given labels' per-example gradients
+    given = per_example(loss.residual(outputs, y))
+    expected = torch.zeros(x.shape[0], dtype=torch.float64)
+    for name in names:
+        st = est.state[name]
+        rotated = st["QS"].double().T @ layer_grad(given, name).double() @ st["QA"].double()
+        expected += (rotated.pow(2) / (st["L"] + damping)).sum((1, 2))
+    fb = torch.cat([given[n].reshape(x.shape[0], -1) for n in est.fallback_names], 1).double()
+    expected += (fb.pow(2) / (est.state["__fallback__"]["L"] + damping)).sum(1)
+    torch.testing.assert_close(est.self_influence(x, y), expected, rtol=1e-4, atol=1e-10)
+    stages = []
+    fused = run_audit(model, x, y, AuditConfig(method="ekfac", damping=damping, fisher_samples=0, batch_size=16),
+                      progress=lambda stage, f: stages.append(stage))
+    assert "scores" not in stages and "predictions" not in stages  # both came from the fit's passes
+    torch.testing.assert_close(fused.scores, expected, rtol=1e-4, atol=1e-10)
+    streamed = run_audit(model, x, y, AuditConfig(method="ekfac", damping=damping, fisher_samples=0, batch_size=16,
+                                                  cache_bytes=0))
+    torch.testing.assert_close(streamed.scores, expected, rtol=1e-4, atol=1e-10)
+    # with sampled labels the plans draw the same labels in the same order: equal up to rounding
+    a = run_audit(model, x, y, AuditConfig(method="ekfac", batch_size=16)).scores
+    b = run_audit(model, x, y, AuditConfig(method="ekfac", batch_size=16, cache_bytes=0)).scores
+    c = run_audit(model, x, y, AuditConfig(method="ekfac", batch_size=7)).scores
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-10)
+    torch.testing.assert_close(a, c, rtol=1e-5, atol=1e-10)
+
+
+def test_an_output_modified_in_place_and_inputs_that_are_always_zero_change_nothing():
+    """A ReLU(inplace=True) after a tracked layer or a BatchNorm must not change what is differentiated
+    (the layer gets the gradient of its own output, not of the ReLU's); a 3x3 convolution at 1x1
+    resolution sees padding at 8 of its 9 offsets, whose inputs are always zero: the eigendecomposition
+    skips them, and the scores are those of the full decomposition."""
+    from app.influence import kronecker
+
+    torch.manual_seed(0)
+
+    def build(inplace):
+        torch.manual_seed(1)
+        return nn.Sequential(nn.Conv2d(2, 4, 3, stride=2, padding=1), nn.BatchNorm2d(4), nn.ReLU(inplace=inplace),
+                             nn.Conv2d(4, 6, 3, padding=1), nn.ReLU(inplace=inplace),  # 2x2 -> 2x2
+                             nn.AdaptiveAvgPool2d(1), nn.Conv2d(6, 5, 3, padding=1), nn.ReLU(inplace=inplace),
+                             nn.Flatten(), nn.Linear(5, 3), nn.ReLU(inplace=inplace), nn.Linear(3, 3)).eval()
+
+    x, y = torch.randn(60, 2, 4, 4), torch.randint(0, 3, (60,))
+    reference = {m: run_audit(build(False), x, y, AuditConfig(method=m, damping=1e-3)).scores
+                 for m in ("ekfac", "diagonal", "identity")}
+    for method, expected in reference.items():
+        torch.testing.assert_close(run_audit(build(True), x, y, AuditConfig(method=method, damping=1e-3)).scores,
+                                   expected, rtol=1e-5, atol=1e-10)
+    A = torch.randn(30, 7, dtype=torch.float64)
+    A[:, [0, 4]] = 0
+    A = A.T @ A
+    values, vectors = kronecker._eigh(A)
+    torch.testing.assert_close(values, torch.linalg.eigvalsh(A), rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(vectors @ torch.diag(values) @ vectors.T, A, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(vectors.T @ vectors, torch.eye(7, dtype=torch.float64), rtol=0, atol=1e-12)
+    est = fit("ekfac", build(False), x, y, damping=1e-3)
+    assert int((est.state["6"]["QA"] == 1).sum()) == 8 * 6  # unit eigenvectors: the padding-only inputs
+    full = kronecker._eigh
+    try:
+        kronecker._eigh = torch.linalg.eigh
+        torch.testing.assert_close(run_audit(build(False), x, y, AuditConfig(method="ekfac", damping=1e-3)).scores,
+                                   reference["ekfac"], rtol=1e-4, atol=1e-10)
+    finally:
+        kronecker._eigh = full

@@ -62,7 +62,7 @@ def pick_device(requested: str | None) -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-BATCH_STATE_BYTES = 768 * 1024**2  # what one batch's captured layer inputs/gradients may take
+BATCH_STATE_BYTES = 256 * 1024**2  # what one batch's captured layer inputs/gradients may take
 
 
 def auto_batch_size(estimator: Estimator, num_outputs: int, example: torch.Tensor | None = None) -> int:
@@ -72,11 +72,16 @@ def auto_batch_size(estimator: Estimator, num_outputs: int, example: torch.Tenso
     whose Jacobians stay near 64 MiB."""
     from .kronecker import KroneckerEstimator
 
-    if isinstance(estimator, KroneckerEstimator) and not estimator.fallback_names:
+    if isinstance(estimator, KroneckerEstimator):
         if example is None:
             return 2048
         # x3: the autograd graph's own saved activations, rotated copies and chunks besides the capture
-        per_example = 3 * estimator.captured_bytes_per_example(example)
+        captured = estimator.captured_bytes_per_example(example)
+        per_example = 3 * captured
+        if estimator.fallback_names:
+            # the fallback's per-example gradients are B x (its parameters), float32 and float64 squares,
+            # never B x P; torch.func's batched forward holds about another capture's worth
+            per_example += captured + 12 * sum(estimator.params[n].numel() for n in estimator.fallback_names)
         return int(max(8, min(2048, BATCH_STATE_BYTES // max(1, per_example))))
     per_example = max(1, estimator.num_parameters * num_outputs)
     return int(max(8, min(1024, (16 * 1024**2) // per_example)))
@@ -134,9 +139,11 @@ def run_audit(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, con
     batch_size = config.batch_size or auto_batch_size(estimator, num_outputs, inputs[:1].to(device))
     data = BatchSource(inputs, targets, batch_size, device)
     estimator.prepare(data)
-    one_pass = estimator.precomputed_scores is not None or getattr(estimator, "one_pass", False)
-    # a one-pass fit runs the model forward on every batch: the predictions come from that pass
-    predictions_from_fit = one_pass and not loo
+    # a fit that scores every example needs no scoring pass; a fit that runs the model forward on every
+    # batch in order (a blockwise estimator's first pass) gives the predictions too
+    one_pass = estimator.precomputed_scores is not None or getattr(estimator, "scores_in_fit", False) \
+        or getattr(estimator, "one_pass", False)
+    predictions_from_fit = getattr(estimator, "predictions_in_fit", False) or (one_pass and not loo)
     passes = (0 if predictions_from_fit else 1) + estimator.num_passes + (0 if one_pass and not loo else 1) \
         + (1 if config.verify_top_k else 0)
     num_batches = data.num_batches
@@ -178,7 +185,7 @@ def run_audit(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, con
     timings["curvature"] = time.perf_counter() - t0
     if predictions_from_fit:
         if estimator.batch_outputs is None or len(estimator.batch_outputs) != num_batches:
-            raise RuntimeError("the one-pass fit did not keep its outputs")  # a bug, not a user error
+            raise RuntimeError("the fit did not keep its outputs")  # a bug, not a user error
         for out, y in zip(estimator.batch_outputs, targets.split(data.batch_size)):
             record_predictions(out, y.to(out.device))
         estimator.batch_outputs = None
