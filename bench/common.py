@@ -102,6 +102,16 @@ class Timer:
         self.seconds = time.perf_counter() - self.start
 
 
+def summary_row(method: str, runs: list[dict], seconds: list[float]) -> dict:
+    """One table row: each detection metric as mean ± std over seeds, and the mean wall time."""
+    row = {"method": method}
+    for key in ("AUROC", "AP", "R@10%", "R@20%"):
+        values = np.array([r[key] for r in runs], dtype=float)
+        row[key] = f"{values.mean():.3f} ± {values.std():.3f}"
+    row["seconds"] = float(np.mean(seconds))
+    return row
+
+
 def table(rows: list[dict], columns: list[str]) -> str:
     def fmt(v):
         if isinstance(v, float):

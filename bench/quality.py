@@ -16,7 +16,8 @@ from collections import defaultdict
 import numpy as np
 import torch
 
-from common import Timer, cleanlab_out_of_fold, environment, kronfluence_self_influence, metrics, table, write_result
+from common import (Timer, cleanlab_out_of_fold, environment, kronfluence_self_influence, metrics, summary_row, table,
+                    write_result)
 from app.influence import AuditConfig, run_audit
 from tests.digits import noisy_digits, train_mlp
 
@@ -92,11 +93,7 @@ def main() -> None:
 
     rows = []
     for name, runs in results.items():
-        row = {"method": name}
-        for key in ("AUROC", "AP", "R@10%", "R@20%"):
-            values = np.array([r[key] for r in runs], dtype=float)
-            row[key] = f"{values.mean():.3f} ± {values.std():.3f}"
-        row["seconds"] = float(np.mean(seconds[name]))
+        row = summary_row(name, runs, seconds[name])
         if suggestions.get(name):
             row["suggested = true label (flipped)"] = f"{np.mean(suggestions[name]):.3f}"
         if "flagged" in runs[0]:

@@ -35,7 +35,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from common import Timer, cleanlab_out_of_fold, environment, kronfluence_self_influence, metrics, table, write_result
+from common import (Timer, cleanlab_out_of_fold, environment, kronfluence_self_influence, metrics, summary_row, table,
+                    write_result)
 from app.artifacts.loaders import check_fit, load_dataset, load_onnx, pack_inputs
 from app.influence import AuditConfig, run_audit
 from tests.digits import noisy_digits
@@ -186,12 +187,7 @@ def run_kind(name: str, args) -> tuple[str, dict]:
 
     rows = []
     for method, runs in results.items():
-        row = {"method": method}
-        for key in ("AUROC", "AP", "R@10%", "R@20%"):
-            values = np.array([r[key] for r in runs], dtype=float)
-            row[key] = f"{values.mean():.3f} ± {values.std():.3f}"
-        row["seconds"] = float(np.mean(seconds[method]))
-        rows.append(row)
+        rows.append(summary_row(method, runs, seconds[method]))
     for extra in ("(training the model once)", "(export, load_onnx, load_dataset, pack_inputs)"):
         rows.append({"method": extra, "seconds": float(np.mean(seconds[extra]))})
     n = len(y_noisy)
