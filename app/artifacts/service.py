@@ -25,17 +25,23 @@ def dataset_limits(settings: Settings) -> loaders.DatasetLimits:
                                  max_classes=settings.max_classes, max_uncompressed_bytes=settings.max_dataset_bytes)
 
 
+def _unprintable(character: str) -> bool:
+    """A control character, or a lone surrogate (what undecodable bytes become): not storable text."""
+    code = ord(character)
+    return code < 32 or code == 127 or 0xD800 <= code <= 0xDFFF
+
+
 def display_name(name: str | None, filename: str | None, default: str) -> str:
     """The record's name: the `name` field, else the uploaded file's base name. A NUL (which PostgreSQL
     cannot store), another control character or text that is not valid UTF-8 in a given name is a 422;
     in a file name it is replaced, since the client may not control it."""
     if name is not None:
-        if any(ord(c) < 32 or ord(c) == 127 or 0xD800 <= ord(c) <= 0xDFFF for c in name) or not name.strip():
+        if any(map(_unprintable, name)) or not name.strip():
             raise ProblemError(422, "invalid-name", "`name` must be non-empty printable UTF-8 text without control "
                                "characters")
         return name
     base = Path((filename or default).replace("\0", "")).name or default
-    cleaned = "".join("\ufffd" if ord(c) < 32 or ord(c) == 127 or 0xD800 <= ord(c) <= 0xDFFF else c for c in base)
+    cleaned = "".join("\ufffd" if _unprintable(c) else c for c in base)
     return cleaned[:255]
 
 
