@@ -11,6 +11,7 @@ from fastapi.responses import PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_latest
 from sqlalchemy import text
 
+from app.artifacts.inspect_model import start_validator_server
 from app.artifacts.router import router as artifacts_router
 from app.audits.router import router as audits_router
 from app.core.config import get_settings
@@ -50,6 +51,7 @@ def create_app() -> FastAPI:
     @asynccontextmanager
     async def lifespan(_app: FastAPI):
         _announce_auth(settings)
+        start_validator_server()  # its imports run in the background; the first upload need not wait for them
         yield
 
     app = FastAPI(title="pbrf-audit", version="0.1.0", description=DESCRIPTION, lifespan=lifespan)

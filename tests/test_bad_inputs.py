@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import pickle
+import time
 import zipfile
 from pathlib import Path
 
@@ -203,19 +205,60 @@ def test_model_validation_runs_under_a_memory_limit_and_a_concurrency_cap(tmp_pa
         slot.release()
 
 
+def _slow_model(path: Path, convolutions: int = 100) -> Path:
+    """A valid 150 kB ONNX model whose smoke forward pass takes many seconds on one core (64-channel
+    3x3 convolutions over a fixed 256x256 input, one shared weight) while holding little memory."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    initializers = [numpy_helper.from_array((rng.standard_normal((64, 64, 3, 3)) * 0.01).astype(np.float32), "K"),
+                    numpy_helper.from_array(rng.standard_normal((3, 64)).astype(np.float32), "W")]
+    nodes, current = [], "x"
+    for i in range(convolutions):
+        nodes.append(helper.make_node("Conv", [current, "K"], [f"c{i}"], pads=[1, 1, 1, 1]))
+        current = f"c{i}"
+    nodes += [helper.make_node("GlobalAveragePool", [current], ["pooled"]),
+              helper.make_node("Flatten", ["pooled"], ["flat"]),
+              helper.make_node("Gemm", ["flat", "W"], ["y"], transB=1)]
+    graph = helper.make_graph(nodes, "slow", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 64, 256, 256])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 3])], initializers)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    return path
+
+
+def _validator_processes(svc) -> list[int]:
+    """The validator server and its forked children in a service's process group."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and os.getpgid(int(entry.name)) == svc.process.pid and \
+                    b"app.artifacts.validator_server" in (entry / "cmdline").read_bytes():
+                found.append(int(entry.name))
+        except (OSError, ProcessLookupError):
+            pass
+    return found
+
+
 def test_model_validation_runs_isolated_under_a_time_limit(tmp_path):
-    """Conversion and the smoke forward pass run in a child process; one that overruns is refused."""
+    """Conversion and the smoke forward pass run in a child of the validator server; one that overruns
+    is refused and killed, and the next upload is validated as usual."""
     from tests.conftest import Service, _service_env
     from tests.helpers import export_onnx, quick_mlp, synthetic_classification, upload_model
 
-    svc = Service(_service_env("embedded", None) | {"PBRF_MODEL_VALIDATION_TIMEOUT_SECONDS": "0.2"}, tmp_path / "svc")
+    svc = Service(_service_env("embedded", None) | {"PBRF_MODEL_VALIDATION_TIMEOUT_SECONDS": "1"}, tmp_path / "svc")
     svc.start()
     try:
         inputs, labels = synthetic_classification(n=20, features=4, classes=3)
         path = export_onnx(quick_mlp(inputs, labels, hidden=3, epochs=1), torch.from_numpy(inputs[:2]), tmp_path / "m.onnx")
         with svc.client() as c:
-            assert_problem(upload_model(c, path), 422, "model-validation-timeout")
+            assert_problem(upload_model(c, _slow_model(tmp_path / "slow.onnx")), 422, "model-validation-timeout")
             assert c.get("/v1/models").json() == []
+            deadline = time.monotonic() + 30
+            while len(_validator_processes(svc)) > 1 and time.monotonic() < deadline:
+                time.sleep(0.2)
+            assert len(_validator_processes(svc)) == 1, "the overrunning validation was left running"
+            assert upload_model(c, path).status_code == 201
     finally:
         svc.stop()
 
