@@ -283,7 +283,8 @@ def test_ekfac_on_convolutions_matches_a_straightforward_reference():
     x, y = torch.randn(40, 2, 8, 8), torch.randint(0, 3, (40,))
     loss, damping = CrossEntropyOutput(), 1e-3
     est = fit("ekfac", model, x, y, damping=damping, fisher_samples=0)
-    assert {dm.name for dm in est.diag_modules} == {"bn", "pos", "norm"} and est.vmap_names == ["act.weight"]
+    assert {dm.name for dm in est.diag_modules} == {"bn", "norm"} and est.vmap_names == ["act.weight"]
+    assert [t.name for t in est.tables] == ["pos"] and "pos.weight" not in est.fallback_names
     assert [(b.layer.name, b.path) for b in est._layer_grads(x[:2], lambda o: [(o, None)] * 4).__next__().blocks] \
         == [("c1", "formed"), ("c2", "formed"), ("c3", "positions"), ("lin", "positions"), ("head", "rank1")]
 
@@ -307,6 +308,14 @@ def test_ekfac_on_convolutions_matches_a_straightforward_reference():
         QA, QS = est.state[name]["QA"].double(), est.state[name]["QS"].double()
         lam = sum((QS.T @ layer_grad(g, name).double() @ QA).pow(2) for g in per_class).mean(0)
         torch.testing.assert_close(est.state[name]["L"], lam, rtol=1e-4, atol=1e-10)
+    # the position table (looked up without a batch axis, added across the batch): a linear map on one-hot
+    # inputs, so Q_A = I; Q_S diagonalises sum_t s s^T and L is E[(G_n Q_S)^2] with G_n its (V, D) gradient
+    QS = est.state["pos"]["QS"].double()
+    S = sum(torch.einsum("bvi,bvj->ij", g["pos.weight"].double(), g["pos.weight"].double()) for g in per_class)
+    off = QS.T @ S @ QS - torch.diag(torch.diagonal(QS.T @ S @ QS))
+    assert float(off.abs().max()) < 1e-4 * float(S.abs().max())
+    lam = sum((g["pos.weight"].double() @ QS).pow(2) for g in per_class).mean(0)
+    torch.testing.assert_close(est.state["pos"]["L"], lam, rtol=1e-4, atol=1e-10)
 
     # Q_A diagonalises the input covariance built from F.unfold patches (both calls of the shared conv)
     inputs = {}
@@ -333,6 +342,8 @@ def test_ekfac_on_convolutions_matches_a_straightforward_reference():
         st = est.state[name]
         rotated = st["QS"].double().T @ layer_grad(given, name).double() @ st["QA"].double()
         expected += (rotated.pow(2) / (st["L"] + damping)).sum((1, 2))
+    rotated = given["pos.weight"].double() @ est.state["pos"]["QS"].double()
+    expected += (rotated.pow(2) / (est.state["pos"]["L"] + damping)).sum((1, 2))
     fb = torch.cat([given[n].reshape(x.shape[0], -1) for n in est.fallback_names], 1).double()
     expected += (fb.pow(2) / (est.state["__fallback__"]["L"] + damping)).sum(1)
     torch.testing.assert_close(est.self_influence(x, y), expected, rtol=1e-4, atol=1e-10)
@@ -390,3 +401,67 @@ def test_an_output_modified_in_place_and_inputs_that_are_always_zero_change_noth
                                    reference["ekfac"], rtol=1e-4, atol=1e-10)
     finally:
         kronecker._eigh = full
+
+
+class _Tokens(nn.Module):
+    """Token ids -> a table with a padding row -> a head over the positions; with `one_hot` the same map
+    written as a bias-free Linear on one-hot inputs (the padding id's inputs zeroed, as its row gets no
+    gradient), which the engine treats as an ordinary multi-position linear layer."""
+
+    def __init__(self, rows=7, width=5, length=6, one_hot=False):
+        super().__init__()
+        torch.manual_seed(3)
+        self.rows, self.one_hot = rows, one_hot
+        table = nn.Embedding(rows, width, padding_idx=0)
+        self.head = nn.Linear(length * width, 3)
+        if one_hot:
+            self.table = nn.Linear(rows, width, bias=False)
+            with torch.no_grad():
+                self.table.weight.copy_(table.weight.T)
+        else:
+            self.table = table
+
+    def forward(self, ids):
+        if self.one_hot:
+            # the padding positions neither feed nor receive a gradient (as for the table, whose output
+            # there is its zero padding row)
+            real = (ids != 0).unsqueeze(-1)
+            h = self.table(nn.functional.one_hot(ids, self.rows).float() * real) * real
+        else:
+            h = self.table(ids)
+        return self.head(torch.tanh(h).flatten(1))
+
+
+@pytest.mark.parametrize("method", ["ekfac", "kfac", "diagonal"])
+def test_an_embedding_table_gets_the_kronecker_treatment_of_its_one_hot_linear_map(method):
+    """A token table is a linear map on one-hot inputs: its scores, eigenvalues and leverage equal those
+    of the same map written as a Linear on one-hot vectors (row counts chosen distinct, so that the
+    input factor's eigenbasis is unique), with repeated ids in an example and a padding id; and the
+    table is listed as its own block, not as diagonal fallback."""
+    generator = torch.Generator().manual_seed(0)
+    weights = torch.tensor([1.0, 2.0, 3.0, 5.0, 8.0, 13.0, 0.0])  # the last row is never looked up
+    ids = torch.multinomial(weights, 60 * 6, replacement=True, generator=generator).reshape(60, 6)
+    counts = torch.bincount(ids.reshape(-1), minlength=7)[1:6]
+    assert len(set(counts.tolist())) == 5  # distinct: the one-hot covariance has a unique eigenbasis
+    y = torch.randint(0, 3, (60,), generator=generator)
+    table, one_hot = _Tokens().eval().requires_grad_(False), _Tokens(one_hot=True).eval().requires_grad_(False)
+    torch.testing.assert_close(table(ids), one_hot(ids))
+    for samples in (0, 1):
+        a = fit(method, table, ids, y, damping=1e-3, fisher_samples=samples)
+        b = fit(method, one_hot, ids, y, damping=1e-3, fisher_samples=samples)
+        assert [t.name for t in a.tables] == ["table"] and not a.fallback_names
+        entry = next(e for e in a.describe()["layers"] if e["layer"] == "table")
+        assert entry["type"] == "Embedding" and entry["num_parameters"] == 35 and "fallback" not in entry["treatment"]
+        # the one-hot layer's L is (D, V) in its rotated basis, whose input side is a permutation of rows
+        QA = b.state["table"].get("QA")
+        order = QA.abs().argmax(0) if QA is not None else torch.arange(7)
+        expected = torch.zeros(7, 5, dtype=torch.float64)
+        expected[order] = b.state["table"]["L"].T
+        torch.testing.assert_close(a.state["table"]["L"], expected, rtol=1e-4, atol=1e-9)
+        torch.testing.assert_close(a.self_influence(ids, y), b.self_influence(ids, y), rtol=1e-4, atol=1e-9)
+        classes = torch.stack([y, (y + 1) % 3], 1)
+        torch.testing.assert_close(a.leverage(ids, classes), b.leverage(ids, classes), rtol=1e-4, atol=1e-9)
+    # the audit's plans (scores in the fit's last pass, or a scoring pass) agree with each other
+    fused = run_audit(table, ids, y, AuditConfig(method=method, damping=1e-3, batch_size=16)).scores
+    streamed = run_audit(table, ids, y, AuditConfig(method=method, damping=1e-3, batch_size=16, cache_bytes=0)).scores
+    torch.testing.assert_close(fused, streamed, rtol=1e-5, atol=1e-10)

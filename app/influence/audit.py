@@ -136,7 +136,7 @@ def run_audit(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, con
         if name == "auto":
             name = "ekfac"
     estimator: Estimator = make_estimator(name, model, loss, options, device)
-    batch_size = config.batch_size or auto_batch_size(estimator, num_outputs, inputs[:1].to(device))
+    batch_size = config.batch_size or auto_batch_size(estimator, num_outputs, inputs[:2].to(device))
     data = BatchSource(inputs, targets, batch_size, device)
     estimator.prepare(data)
     # a fit that scores every example needs no scoring pass; a fit that runs the model forward on every

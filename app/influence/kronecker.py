@@ -460,6 +460,47 @@ class _DiagModule:
         return out
 
 
+class _Table:
+    """An embedding table (an nn.Embedding whose hook gradients the probe confirmed) treated as what it
+    is, a linear map W^T on one-hot inputs: an example's gradient is G_n = sum_t s_t e_(id_t)^T, so
+    A = E[a a^T] is diagonal (token counts per position) and its eigenbasis is the identity, S = E[sum_t
+    s s^T] is the usual (D, D) output factor, and EK-FAC's eigenvalues are, per table row v,
+    E[(Q_S^T sum_(t: id_t = v) s_t)^2]. Nothing V x V or B x V x D is formed: each example's lookups are
+    summed per distinct id, which is at most T rows of D floats. L and R are kept as (V, D)."""
+
+    def __init__(self, dm: _DiagModule):
+        self.dm, self.name, self.module = dm, dm.name, dm.module
+        self.param_name = dm.names["weight"]
+        self.rows, self.width = self.module.num_embeddings, self.module.embedding_dim
+
+    def lookups(self, xs: list[torch.Tensor], gs: list[torch.Tensor]):
+        """(example (M,), id (M,), output gradient (M, D), ids per example) over every lookup of the batch
+        (all calls of the table; a padding id's row gets no gradient and is left out)."""
+        examples, ids, grads, per_example = [], [], [], 0
+        for x, g in zip(xs, gs):
+            B = g.shape[0]
+            index = (x.reshape(1, -1).expand(B, -1) if self.dm.broadcast else x.reshape(B, -1)).long()
+            per_example += index.shape[1]
+            examples.append(torch.arange(B, device=index.device).unsqueeze(1).expand_as(index).reshape(-1))
+            ids.append(index.reshape(-1))
+            grads.append(g.float().reshape(-1, self.width))
+        example, ids, grads = (torch.cat(t) if len(t) > 1 else t[0] for t in (examples, ids, grads))
+        if self.module.padding_idx is not None:
+            keep = ids != self.module.padding_idx
+            example, ids, grads = example[keep], ids[keep], grads[keep]
+        return example, ids, grads, per_example
+
+    def grouped(self, example: torch.Tensor, ids: torch.Tensor):
+        """The distinct (example, id) pairs: (their example, their id, inverse index of each lookup)."""
+        pairs, inverse = torch.unique(example * self.rows + ids, return_inverse=True)
+        return pairs // self.rows, pairs % self.rows, inverse
+
+    @staticmethod
+    def summed(inverse: torch.Tensor, count: int, h: torch.Tensor) -> torch.Tensor:
+        """Rows of h (M, D) summed per distinct pair: (count, D)."""
+        return h.new_zeros(count, h.shape[-1]).index_add_(0, inverse, h)
+
+
 class _Capture:
     """Forward hooks that record each tracked layer's inputs and outputs for one batch."""
 
@@ -523,6 +564,14 @@ class _GradientSet:
         for block in self.blocks:
             yield block, self.grads[block.layer.name]
 
+    def table_squares(self, table: _Table, QS: torch.Tensor | None):
+        """(example, id, squared rotated row sums (U, D)) of each distinct (example, id) pair, and the
+        number of lookups per example."""
+        example, ids, g, per_example = table.lookups(self.estimator._table_inputs[table.name], self.grads[table.name])
+        examples, rows, inverse = table.grouped(example, ids)
+        h = g @ QS if QS is not None else g
+        return examples, rows, _Table.summed(inverse, rows.shape[0], h).pow_(2), per_example
+
     def fallback(self) -> torch.Tensor | None:
         """(B, P_fallback) per-example gradients of the parameters no tracked layer covers, in
         fallback_names order."""
@@ -565,6 +614,8 @@ class KroneckerEstimator(Estimator):
                 if names and all(v in fallback for v in names.values()):
                     self._diag_candidates.append(_DiagModule(n, m, names))
         self.diag_modules: list[_DiagModule] = []
+        self.tables: list[_Table] = []  # embedding tables with their own Kronecker treatment (after the probe)
+        self._table_inputs: dict[str, list[torch.Tensor]] = {}
         self.vmap_names = list(self.fallback_names)
         self._probed = False
         self._diag_inputs: dict[str, list[torch.Tensor]] = {}
@@ -605,7 +656,8 @@ class KroneckerEstimator(Estimator):
             self.model(x[:1])
         positions = {layer.name: sum(layer.positions(a) for a in capture.inputs[layer.name]) for layer in self.layers}
         samples = max(1, self.options.fisher_samples) if self.options.fisher_samples else 0
-        if not self.fallback_names and samples and all(positions[layer.name] == 1 for layer in self.layers):
+        if not self.fallback_names and not self.tables and samples and \
+                all(positions[layer.name] == 1 for layer in self.layers):
             per_example = sum(layer.d_in + (samples + 1) * layer.d_out for layer in self.layers) * 4
             if per_example * data.num_examples <= self.options.cache_bytes:
                 self.one_pass = self.scores_in_fit = True
@@ -621,6 +673,7 @@ class KroneckerEstimator(Estimator):
                 kept += layer.d_in + layer.d_out
             elif T > 1:
                 kept += T * (layer.d_in + layer.d_out) if _keeps_factors(layer, T, path) else layer.d_in * layer.d_out
+        kept += sum(self._lookups_per_example(x[:1], t) * t.width for t in self.tables)
         if len(self.stages) == 1:  # the fallback's curvature comes from the same pass: keep its gradients
             kept += sum(self.params[n].numel() for n in self.fallback_names)
         self.scores_in_fit = kept * 4 * data.num_examples <= self.options.cache_bytes
@@ -635,14 +688,24 @@ class KroneckerEstimator(Estimator):
 
     def captured_bytes_per_example(self, example: torch.Tensor) -> int:
         """Bytes of layer inputs (unfolded patches for convolutions) and output gradients one example
-        contributes to a batch's captured state: sum over layers of T x (d_in + d_out) floats."""
+        contributes to a batch's captured state: sum over layers of T x (d_in + d_out) floats, and for an
+        embedding table its lookups' gradients, their rotations and sums (3 T x D floats). Given two
+        examples, the probe decides first which modules take which treatment."""
+        self._probe(example)
         with _Capture(self.layers) as capture, torch.no_grad():
             self.model(example[:1])
         total = 0
         for layer in self.layers:
             positions = sum(layer.positions(a) for a in capture.inputs[layer.name])
             total += positions * (layer.d_in + layer.d_out) * 4
+        total += sum(3 * self._lookups_per_example(example[:1], t) * t.width * 4 for t in self.tables)
         return total
+
+    def _lookups_per_example(self, example: torch.Tensor, table: _Table) -> int:
+        with _Capture([table.dm]) as capture, torch.no_grad():
+            capture.batch = 1
+            self.model(example[:1])
+        return sum(x.numel() for x in capture.inputs[table.name])
 
     def fit(self, data, report):
         if self.one_pass:
@@ -768,6 +831,11 @@ class KroneckerEstimator(Estimator):
         self.diag_modules = confirmed + again
         hooked = {n for dm in self.diag_modules for n in dm.names.values()}
         self.vmap_names = [n for n in self.fallback_names if n not in hooked]
+        if self.uses_curvature:  # confirmed embedding tables leave the diagonal fallback for their own blocks
+            self.tables = [_Table(dm) for dm in self.diag_modules if isinstance(dm.module, nn.Embedding)]
+            self.diag_modules = [dm for dm in self.diag_modules if not isinstance(dm.module, nn.Embedding)]
+            tabled = {t.param_name for t in self.tables}
+            self.fallback_names = [n for n in self.fallback_names if n not in tabled]
 
     def _probe_round(self, x, out, vectors, reference, candidates) -> list:
         saved = self.diag_modules, self.vmap_names
@@ -811,13 +879,15 @@ class KroneckerEstimator(Estimator):
         for p in self.model.parameters():
             p.requires_grad_(True)
         try:
-            with _Capture(self.layers + self.diag_modules) as capture, torch.enable_grad():
+            with _Capture(self.layers + self.diag_modules + [t.dm for t in self.tables]) as capture, \
+                    torch.enable_grad():
                 capture.batch = inputs.shape[0]
                 outputs = self.model(inputs)
                 self._last_outputs = outputs.detach()
                 capture.recording = False
                 vector_sets = vectors_fn(outputs.detach())
                 self._diag_inputs = {dm.name: capture.inputs[dm.name] for dm in self.diag_modules}
+                self._table_inputs = {t.name: capture.inputs[t.name] for t in self.tables}
                 blocks = []
                 for layer in self.layers:
                     if capture.outputs[layer.name]:
@@ -905,17 +975,28 @@ class KroneckerEstimator(Estimator):
                     for _, kind, g2, v in block.squares(gs):
                         lam = lam + ((g2.T @ v) if kind == "rank1" else g2.sum(0)).double()
                     out[f"{name}.L"] = lam
+            for table in self.tables:
+                name = table.name
+                if stage == "covariance":
+                    example, ids, g, per_example = table.lookups(self._table_inputs[name], gset.grads[name])
+                    if count == 1:  # the diagonal input factor: lookups of each row, per position
+                        counts = torch.bincount(ids, minlength=table.rows).double()
+                        out[f"{name}.A"] = counts / per_example
+                    out[f"{name}.S"] = out.get(f"{name}.S", 0) + (g.T @ g).double()
+                else:
+                    QS = self.state.get(name, {}).get("QS") if self.rotate else None
+                    _, rows, squares, _ = gset.table_squares(table, QS)
+                    lam = out.get(f"{name}.L")
+                    if lam is None:
+                        lam = out[f"{name}.L"] = squares.new_zeros(table.rows, table.width, dtype=torch.float64)
+                    lam.index_add_(0, rows, squares.double())
             if self.fallback_names and stage == self.stages[0]:
                 fb = gset.fallback()
                 out["fallback.diag"] = out.get("fallback.diag", 0) + fb.double().pow(2).sum(0)
         # several sampled label sets per example average; the exact expectation's rows already sum to H
+        # (A does not depend on the output vectors: it is summed once per batch and never scaled)
         for key in list(out):
-            if key.endswith(".A"):
-                # A does not depend on the output vectors; it used to be summed once per set and then
-                # scaled like the others, which leaves the exact expectation's A multiplied by C
-                if exact and count != 1:
-                    out[key] *= count
-            elif not exact and count != 1:
+            if not key.endswith(".A") and not exact and count != 1:
                 out[key] *= 1.0 / count
         return out, kept
 
@@ -938,6 +1019,9 @@ class KroneckerEstimator(Estimator):
                 continue
             for start, kind, g2, v in block.squares(gs):
                 kept.append((layer.name, start, kind, g2, v))
+        for table in self.tables:
+            examples, rows, squares, _ = gset.table_squares(table, self.state[table.name].get("QS") if self.rotate else None)
+            kept.append((table.name, 0, "table", squares, (examples, rows)))
         fb = None
         if self.fallback_names:
             fb = gset.fallback().double().pow(2)
@@ -952,6 +1036,9 @@ class KroneckerEstimator(Estimator):
             R = self.state[name]["R"]
             if kind == "rank1":
                 scores += ((g2 @ R) * v).sum(1).double()
+            elif kind == "table":  # g2: squared row sums (U, D); v: their (example, row)
+                examples, rows = v
+                scores.index_add_(0, examples, (g2 * R[rows]).sum(1).double())
             elif kind == "factors":  # g2: rotated output gradients (B, T, d_out), v: rotated inputs (B, T, d_in)
                 step = max(1, CHUNK_ELEMENTS // R.numel())
                 for first in range(0, batch, step):
@@ -981,9 +1068,17 @@ class KroneckerEstimator(Estimator):
                 if not self.refit_eigenvalues:
                     st["L"] = torch.outer(s_eig.clamp_min(0), a_eig.clamp_min(0))
                 self.state[layer.name] = st
+            for table in self.tables:
+                s_eig, QS = _eigh(total[f"{table.name}.S"] / n)
+                st = {"QS": QS.float()}
+                if not self.refit_eigenvalues:  # the input factor's eigenvalues are its diagonal
+                    st["L"] = torch.outer((total[f"{table.name}.A"] / n).clamp_min(0), s_eig.clamp_min(0))
+                self.state[table.name] = st
         else:
             for layer in self.layers:
                 self.state.setdefault(layer.name, {})["L"] = total[f"{layer.name}.L"] / n
+            for table in self.tables:
+                self.state.setdefault(table.name, {})["L"] = total[f"{table.name}.L"] / n
         if stage == self.stages[-1] or (stage == "eigenvalues" and self.one_pass):
             self._set_damping()
 
@@ -1017,6 +1112,10 @@ class KroneckerEstimator(Estimator):
                         scores += ((g2 @ R) * v).sum(1).double()
                     else:
                         scores[start : start + g2.shape[0]] += (g2.flatten(1) @ R.reshape(-1)).double()
+            for table in self.tables:
+                st = self.state[table.name]
+                examples, rows, squares, _ = gset.table_squares(table, st.get("QS") if self.rotate else None)
+                scores.index_add_(0, examples, (squares * st["R"][rows]).sum(1).double())
             if self.fallback_names:
                 g = gset.fallback().double()
                 fb = self.state["__fallback__"]
@@ -1052,6 +1151,17 @@ class KroneckerEstimator(Estimator):
                 for start in range(0, B, step):
                     g = torch.einsum("bkto,bti->bkoi", s_all[start : start + step], a[start : start + step])
                     out[start : start + step] += torch.einsum("bcoi,bdoi,oi->bcd", g, g, R).double()
+        for table in self.tables:
+            st = self.state[table.name]
+            QS = st.get("QS") if self.rotate else None
+            example, ids, _, _ = table.lookups(self._table_inputs[table.name], sets[0].grads[table.name])
+            examples, rows, inverse = table.grouped(example, ids)
+            sums = []
+            for gset in sets:  # the same lookups under each logit's output gradients
+                g = table.lookups(self._table_inputs[table.name], gset.grads[table.name])[2]
+                sums.append(_Table.summed(inverse, rows.shape[0], g @ QS if QS is not None else g))
+            h = torch.stack(sums, 1)  # (U, K, D)
+            out.index_add_(0, examples, torch.einsum("ucd,ued,ud->uce", h, h, st["R"][rows]).double())
         if self.fallback_names:
             fb = self.state["__fallback__"]
             inv = 1.0 / (fb["L"] + self.layer_damping["__fallback__"])
@@ -1063,6 +1173,9 @@ class KroneckerEstimator(Estimator):
         layers = [{"layer": l.name, "type": type(l.module).__name__, "treatment": self.name,
                    "shape": [l.d_out, l.d_in], "num_parameters": l.d_out * l.d_in,
                    "damping": self.layer_damping.get(l.name)} for l in self.layers]
+        layers += [{"layer": t.name, "type": "Embedding", "treatment": f"{self.name} (one-hot inputs: diagonal input "
+                    "factor of row counts)", "shape": [t.width, t.rows], "num_parameters": t.rows * t.width,
+                    "damping": self.layer_damping.get(t.name)} for t in self.tables]
         if self.fallback_names:
             layers.append({"layer": ", ".join(self.fallback_names), "type": "other parameters",
                            "treatment": "diagonal GGN (fallback)",
