@@ -175,6 +175,7 @@ def run_kind(name: str, args) -> tuple[str, dict]:
                 seconds[KRONFLUENCE].append(t.seconds)
             except Exception as exc:
                 notes.append(f"seed {seed}, kronfluence: {type(exc).__name__}: {exc}")
+        if not args.no_peers and not args.no_cleanlab:
             with Timer() as t:
                 score, issues, _ = cleanlab_out_of_fold(
                     xs if len(xs) > 1 else xs[0], y_noisy,
@@ -234,6 +235,7 @@ def main() -> None:
     parser.add_argument("--n-tokens", type=int, default=2000)
     parser.add_argument("--epochs-scale", type=float, default=1.0, help="< 1 only for smoke runs")
     parser.add_argument("--no-peers", action="store_true")
+    parser.add_argument("--no-cleanlab", action="store_true", help="kronfluence only (cleanlab's 5 trainings dominate)")
     parser.add_argument("--tag", default="", help="suffix for the result file (partial or smoke runs)")
     args = parser.parse_args()
 

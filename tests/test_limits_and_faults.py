@@ -159,3 +159,38 @@ def test_database_error_while_writing_results_leaves_nothing_half_written(tmp_pa
         svc.stop()
         with psycopg.connect(POSTGRES_ADMIN, autocommit=True) as conn:
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.mark.parametrize("kind", ["embedded", "postgres_redis"])
+def test_a_tenant_storage_quota_refuses_what_would_not_fit_and_deletes_free_it(kind, tmp_path, request):
+    """Uploads count their bytes, audits an estimate of their results (96 bytes per example in the scores
+    file, 160 per flag row): past PBRF_TENANT_STORAGE_BYTES an upload gets 413 and an audit 422
+    `storage-quota-exceeded`, nothing is stored, and deleting an audit frees its share."""
+    pg = request.getfixturevalue("postgres_url") if kind == "postgres_redis" else None
+    svc = Service(_service_env(kind, pg) | {"PBRF_TENANT_STORAGE_BYTES": "40000"}, tmp_path / "quota")
+    svc.start()
+    try:
+        inputs, labels = synthetic_classification(n=100, features=4, classes=3, seed=2)
+        path = export_onnx(quick_mlp(inputs, labels, hidden=4, epochs=1), torch.from_numpy(inputs[:2]), tmp_path / "m.onnx")
+        big_inputs, big_labels = synthetic_classification(n=2000, features=4, classes=3, seed=3)
+        with svc.client() as client:
+            model = upload_model(client, path).json()
+            dataset = upload_dataset(client, npz_bytes(inputs=inputs, labels=labels)).json()
+            job = {"model_id": model["id"], "dataset_id": dataset["id"], "method": "identity"}
+            first, _ = wait_for_audit(client, client.post("/v1/audits", json=job).json()["id"], timeout=120)
+            assert first["status"] == "succeeded"  # uses about 4 kB + 100 x 256 bytes of the 40 kB
+
+            files = sorted(p.name for p in (svc.data_dir / "artifacts").rglob("*") if p.is_file())
+            body = assert_problem(upload_dataset(client, npz_bytes(inputs=big_inputs, labels=big_labels)), 413,
+                                  "storage-quota-exceeded")
+            assert "PBRF_TENANT_STORAGE_BYTES" in body["detail"]
+            assert len(client.get("/v1/datasets").json()) == 1
+            assert sorted(p.name for p in (svc.data_dir / "artifacts").rglob("*") if p.is_file()) == files
+            assert_problem(client.post("/v1/audits", json=job), 422, "storage-quota-exceeded")
+            assert len(client.get("/v1/audits").json()["items"]) == 1
+
+            assert client.delete(f"/v1/audits/{first['id']}").status_code == 204
+            second, _ = wait_for_audit(client, client.post("/v1/audits", json=job).json()["id"], timeout=120)
+            assert second["status"] == "succeeded"
+    finally:
+        svc.stop()

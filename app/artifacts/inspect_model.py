@@ -13,6 +13,7 @@ ArtifactError that rejected it.
 from __future__ import annotations
 
 import json
+import math
 import os
 import socket
 import subprocess
@@ -138,7 +139,8 @@ def inspect_in_subprocess(path: Path, fmt: str, architecture: str | None, timeou
         with tempfile.NamedTemporaryFile(prefix="pbrf-validator-", suffix=".log") as log:
             request = {"path": str(path), "format": fmt, "architecture": architecture,
                        "external": {name: str(p) for name, p in (external or {}).items()},
-                       "data_bytes": IMPORTS_DATA_BYTES + memory_bytes, "log": log.name}
+                       "data_bytes": IMPORTS_DATA_BYTES + memory_bytes, "log": log.name,
+                       "cpu_seconds": math.ceil(timeout)}
             answer = _await_answer(server, server.fork(request), timeout)
             if answer is None:
                 messages = Path(log.name).read_bytes()[-65536:].decode(errors="replace")

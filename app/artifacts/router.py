@@ -12,6 +12,7 @@ from app.auth import idempotency
 from app.core.deps import SessionDep, SettingsDep, StoreDep, TenantDep
 from app.core.errors import PROBLEM_RESPONSES, not_found
 
+from app.audits.quota import storage_left
 from app.audits.service import delete_input
 
 from . import repository, service
@@ -55,7 +56,7 @@ def upload_model(
         session, tenant, "POST /v1/models", idempotency_key, request_hash,
         lambda: service.create_model(session=session, store=store, settings=settings, tenant_id=tenant,
                                      source=file.file, filename=file.filename or "", name=name, architecture=architecture,
-                                     external_parts=parts),
+                                     external_parts=parts, storage_left=storage_left(session, settings, tenant)),
         ModelOut, response)
 
 
@@ -107,7 +108,8 @@ def upload_dataset(
     return _create_idempotently(
         session, tenant, "POST /v1/datasets", idempotency_key, request_hash,
         lambda: service.create_dataset(session=session, store=store, settings=settings, tenant_id=tenant,
-                                       source=file.file, filename=file.filename or "", name=name),
+                                       source=file.file, filename=file.filename or "", name=name,
+                                       storage_left=storage_left(session, settings, tenant)),
         DatasetOut, response)
 
 

@@ -68,10 +68,24 @@ def _external_part_names(parts: list[tuple[str, BinaryIO]]) -> list[str]:
     return names
 
 
+def _upload_limit(settings: Settings, storage_left: int | None) -> int:
+    return settings.max_upload_bytes if storage_left is None else min(settings.max_upload_bytes, storage_left)
+
+
+def _too_large(exc: UploadTooLarge, settings: Settings, storage_left: int | None) -> ProblemError:
+    """413: over the upload limit, or over what the tenant's storage quota has left (whichever binds)."""
+    if storage_left is not None and storage_left < settings.max_upload_bytes:
+        from app.audits.quota import quota_exceeded
+
+        return quota_exceeded(settings, storage_left, None, 413, "this upload")
+    return ProblemError(413, "payload-too-large", str(exc))
+
+
 def create_model(*, session: Session, store: ArtifactStore, settings: Settings, tenant_id: str, source: BinaryIO,
                  filename: str, name: str | None, architecture: str | None,
-                 external_parts: list[tuple[str, BinaryIO]] = ()) -> ModelArtifact:
-    """`external_parts`: (file name, stream) of each external-data file an ONNX model refers to."""
+                 external_parts: list[tuple[str, BinaryIO]] = (), storage_left: int | None = None) -> ModelArtifact:
+    """`external_parts`: (file name, stream) of each external-data file an ONNX model refers to.
+    `storage_left`: what the tenant's storage quota still allows (None: no quota)."""
     name = display_name(name, filename, "model")  # checked before any byte is staged
     names = _external_part_names(list(external_parts))
     try:
@@ -79,10 +93,11 @@ def create_model(*, session: Session, store: ArtifactStore, settings: Settings, 
         if names and fmt != "onnx":
             raise loaders.ArtifactError("external-data-not-onnx", "external_data parts belong to an ONNX model only")
         with ExitStack() as stack:
-            path, sha, size = stack.enter_context(store.staged(source, settings.max_upload_bytes, suffix="." + fmt))
+            limit = _upload_limit(settings, storage_left)
+            path, sha, size = stack.enter_context(store.staged(source, limit, suffix="." + fmt))
             staged_parts, used = [], size  # the size limit holds for all parts together, like the body limit
             for part_name, part_source in external_parts:
-                part = stack.enter_context(store.staged(part_source, settings.max_upload_bytes - used))
+                part = stack.enter_context(store.staged(part_source, limit - used))
                 staged_parts.append((part_name, *part))
                 used += part[2]
             # conversion and the smoke forward pass run in a separate process under a time limit
@@ -96,7 +111,7 @@ def create_model(*, session: Session, store: ArtifactStore, settings: Settings, 
     except loaders.ArtifactError as exc:
         raise _problem(exc) from exc
     except UploadTooLarge as exc:
-        raise ProblemError(413, "payload-too-large", str(exc)) from exc
+        raise _too_large(exc, settings, storage_left) from exc
     row = ModelArtifact(tenant_id=tenant_id, name=name, format=fmt, sha256=sha,
                         size_bytes=size, num_parameters=loaded.num_parameters, input_shape=loaded.input_shape,
                         num_outputs=loaded.num_outputs, architecture=loaded.architecture, inputs=loaded.inputs,
@@ -112,11 +127,11 @@ def external_paths(store: ArtifactStore, model: ModelArtifact) -> dict[str, Path
 
 
 def create_dataset(*, session: Session, store: ArtifactStore, settings: Settings, tenant_id: str, source: BinaryIO,
-                   filename: str, name: str | None) -> DatasetArtifact:
+                   filename: str, name: str | None, storage_left: int | None = None) -> DatasetArtifact:
     name = display_name(name, filename, "dataset")
     try:
         fmt = loaders.detect_dataset_format(filename, _head(source))
-        with store.staged(source, settings.max_upload_bytes, suffix="." + fmt) as (path, sha, size):
+        with store.staged(source, _upload_limit(settings, storage_left), suffix="." + fmt) as (path, sha, size):
             try:
                 loaded = loaders.load_dataset(path, fmt, dataset_limits(settings))
             except (loaders.ArtifactError, UploadTooLarge):
@@ -130,7 +145,7 @@ def create_dataset(*, session: Session, store: ArtifactStore, settings: Settings
     except loaders.ArtifactError as exc:
         raise _problem(exc) from exc
     except UploadTooLarge as exc:
-        raise ProblemError(413, "payload-too-large", str(exc)) from exc
+        raise _too_large(exc, settings, storage_left) from exc
     row = DatasetArtifact(tenant_id=tenant_id, name=name, format=fmt, sha256=sha,
                           size_bytes=size, num_examples=loaded.num_examples, num_classes=loaded.num_classes,
                           input_shape=loaded.input_shape, inputs=loaded.input_specs, label_counts=loaded.label_counts)

@@ -40,6 +40,9 @@ def _validate(reply: socket.socket, request: dict) -> int:
     data_bytes = request["data_bytes"]
     resource.setrlimit(resource.RLIMIT_DATA, (data_bytes, data_bytes))
     resource.setrlimit(resource.RLIMIT_FSIZE, (LOG_BYTES, LOG_BYTES))
+    # CPU time as well as wall-clock: a child the API could not kill in time still stops
+    cpu = int(request["cpu_seconds"]) + 1
+    resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 5))
     limit_gib = (data_bytes - IMPORTS_DATA_BYTES) / 1024**3
     try:
         loaded = load_model(Path(request["path"]), request["format"], request["architecture"],

@@ -21,6 +21,7 @@ from app.core.storage import ArtifactStore
 from app.core.timeutil import utcnow
 from app.influence.registry import available_methods
 
+from .quota import audit_result_bytes, quota_exceeded, storage_left
 from .schemas import TERMINAL, AuditCreate
 from .tables import Audit, AuditFlag
 
@@ -85,6 +86,10 @@ def create_audit(*, session: Session, tenant_id: str, request: AuditCreate) -> A
                            f"this audit would need about {total / 1024**3:.1f} GiB of worker memory ({parts}); the "
                            f"worker budget is {settings.worker_memory_bytes / 1024**3:.1f} GiB (PBRF_WORKER_MEMORY_BYTES)"
                            ". Lower the parameter that dominates (lanczos_rank, batch_size, verify_top_k) or use ekfac.")
+    left = storage_left(session, settings, tenant_id)
+    needed = audit_result_bytes(dataset.num_examples, settings.max_flags)
+    if left is not None and needed > left:
+        raise quota_exceeded(settings, left, needed, 422, "this audit's results")
     # A per-tenant quota keeps one client from filling the shared queue. It is a soft bound: two
     # requests racing past the count can overshoot it by one each, which is harmless.
     active = session.scalar(select(func.count()).select_from(Audit)

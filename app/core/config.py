@@ -45,6 +45,9 @@ class Settings(BaseSettings):
         "of what its imports take: a graph or architecture that would allocate more is refused, not run."))
     max_concurrent_validations: int = Field(2, ge=1, description=(
         "Model validations one API process runs at once; another upload waits up to 10 s, then gets 503."))
+    tenant_storage_bytes: int = Field(100 * 1024**3, ge=0, description=(
+        "What one tenant may keep stored: uploads plus an estimate of its audits' results (scores file and "
+        "flag rows). Above it uploads get 413 and audits 422 `storage-quota-exceeded`; 0: no quota."))
     max_active_audits_per_tenant: int = Field(
         20, ge=1, description="Queued or running audits one tenant may have; a new one above that gets 429.")
 

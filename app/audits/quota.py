@@ -1,0 +1,62 @@
+"""Per-tenant storage quota: what a tenant keeps stored, counted before anything new is stored.
+
+Counted: the bytes of every uploaded model (with its external-data parts) and dataset, and for every
+audit that has or will have results (queued, running, succeeded) an estimate of those results: the
+scores file (up to 9 eight-byte values per example) and the flag rows. A failed or cancelled audit
+stores nothing. Uploads and audits are refused with `storage-quota-exceeded` when they would take the
+tenant past `PBRF_TENANT_STORAGE_BYTES`; deleting models, datasets or audits frees quota. Two requests
+racing past the check can overshoot by one upload each: a soft bound, like the active-audit quota.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import case, func, select
+from sqlalchemy.orm import Session
+
+from app.artifacts.tables import DatasetArtifact, ModelArtifact
+from app.core.config import Settings
+from app.core.errors import ProblemError
+
+from .tables import Audit
+
+SCORES_BYTES_PER_EXAMPLE = 96
+FLAG_ROW_BYTES = 160
+HOLDING_RESULTS = ("queued", "running", "succeeded")
+
+
+def audit_result_bytes(num_examples: int, max_flags: int) -> int:
+    """What an audit's results will take: its scores file and its flag rows."""
+    return num_examples * SCORES_BYTES_PER_EXAMPLE + min(num_examples, max_flags) * FLAG_ROW_BYTES
+
+
+def stored_bytes(session: Session, tenant_id: str, max_flags: int) -> int:
+    models = session.scalar(select(func.coalesce(func.sum(ModelArtifact.size_bytes), 0))
+                            .where(ModelArtifact.tenant_id == tenant_id))
+    parts = sum(int(part.get("size_bytes", 0))
+                for listed in session.scalars(select(ModelArtifact.external_data)
+                                              .where(ModelArtifact.tenant_id == tenant_id))
+                for part in listed or [])
+    datasets = session.scalar(select(func.coalesce(func.sum(DatasetArtifact.size_bytes), 0))
+                              .where(DatasetArtifact.tenant_id == tenant_id))
+    n = DatasetArtifact.num_examples
+    flags = case((n < max_flags, n), else_=max_flags)
+    results = session.scalar(
+        select(func.coalesce(func.sum(n * SCORES_BYTES_PER_EXAMPLE + flags * FLAG_ROW_BYTES), 0))
+        .select_from(Audit).join(DatasetArtifact, Audit.dataset_id == DatasetArtifact.id)
+        .where(Audit.tenant_id == tenant_id, Audit.status.in_(HOLDING_RESULTS)))
+    return int(models) + parts + int(datasets) + int(results)
+
+
+def storage_left(session: Session, settings: Settings, tenant_id: str) -> int | None:
+    """Bytes this tenant may still store; None without a quota."""
+    if not settings.tenant_storage_bytes:
+        return None
+    return max(0, settings.tenant_storage_bytes - stored_bytes(session, tenant_id, settings.max_flags))
+
+
+def quota_exceeded(settings: Settings, left: int, needed: int | None, status: int, what: str) -> ProblemError:
+    need = f" it needs {needed / 1024**2:.1f} MiB;" if needed is not None else ""
+    return ProblemError(status, "storage-quota-exceeded",
+                        f"{what} does not fit in this tenant's storage quota:{need} {left / 1024**2:.1f} MiB of "
+                        f"{settings.tenant_storage_bytes / 1024**2:.1f} MiB are left (PBRF_TENANT_STORAGE_BYTES). "
+                        "Delete models, datasets or audits you no longer need.")
