@@ -242,3 +242,17 @@ def test_every_method_through_the_worker(client, tmp_path):
     layers = client.get(f"/v1/audits/{created['ekfac']}").json()["summary"]["estimator"]["layers"]
     assert all(layer["treatment"] == "ekfac" for layer in layers) and len(layers) == 2
     wait_for_audit(client, default["id"])
+
+
+def test_a_list_of_datasets_stays_small_however_many_classes_they_have(client):
+    """One dataset whose label 2000 gives it 2001 label counts: listed without them (a page of 500 such
+    records at 100k classes was 100 MB), fetched alone with them."""
+    created = upload_dataset(client, b"f1,label\n1.0,2000\n0.5,0\n", filename="wide.csv").json()
+    assert len(created["label_counts"]) == 2001
+    listed = next(d for d in client.get("/v1/datasets", params={"limit": 500}).json() if d["id"] == created["id"])
+    assert listed["label_counts"] is None and listed["num_classes"] == 2001
+    alone = client.get(f"/v1/datasets/{created['id']}").json()
+    assert alone["label_counts"][2000] == 1 and alone["label_counts"][0] == 1 and sum(alone["label_counts"]) == 2
+    small = upload_dataset(client, b"f1,label\n1.0,1\n0.5,0\n", filename="small.csv").json()
+    listed = next(d for d in client.get("/v1/datasets").json() if d["id"] == small["id"])
+    assert listed["label_counts"] == [1, 1]

@@ -16,7 +16,7 @@ from app.audits.quota import storage_left
 from app.audits.service import delete_input
 
 from . import repository, service
-from .schemas import DatasetOut, ModelOut
+from .schemas import DatasetOut, ModelOut, listed_dataset
 
 router = APIRouter(prefix="/v1", responses=PROBLEM_RESPONSES)
 IdempotencyKey = Annotated[str | None, Header(alias="Idempotency-Key", max_length=255, description=(
@@ -120,4 +120,4 @@ def get_dataset(dataset_id: uuid.UUID, session: SessionDep, tenant: TenantDep):
 
 @router.get("/datasets", response_model=list[DatasetOut], tags=["datasets"])
 def list_datasets(session: SessionDep, tenant: TenantDep, limit: Annotated[int, Query(ge=1, le=500)] = 100):
-    return repository.list_datasets(session, tenant, limit)
+    return [listed_dataset(row) for row in repository.list_datasets(session, tenant, limit)]

@@ -66,8 +66,22 @@ class DatasetOut(_Out):
     num_classes: int
     input_shape: list[int]
     inputs: list[InputOut] = Field(default_factory=list, description="the dataset's input arrays")
-    label_counts: list[int]
+    label_counts: list[int] | None = Field(description=(
+        "examples per label 0..num_classes-1; in lists only for datasets of at most "
+        "1000 classes (null otherwise, so that a page stays small: GET the dataset for them)"))
     sha256: str
     size_bytes: int
     created_at: datetime
+
+
+LISTED_LABEL_COUNTS = 1000  # a listed dataset carries at most this many label counts
+
+
+def listed_dataset(row) -> DatasetOut:
+    """A dataset as one item of a list: without label counts when there are more than 1000 of them
+    (100k classes x 500 items made one page 100 MB)."""
+    item = DatasetOut.model_validate(row)
+    if item.num_classes > LISTED_LABEL_COUNTS:
+        item.label_counts = None
+    return item
 
