@@ -256,3 +256,40 @@ def test_a_list_of_datasets_stays_small_however_many_classes_they_have(client):
     small = upload_dataset(client, b"f1,label\n1.0,1\n0.5,0\n", filename="small.csv").json()
     listed = next(d for d in client.get("/v1/datasets").json() if d["id"] == small["id"])
     assert listed["label_counts"] == [1, 1]
+
+
+def test_a_second_audit_with_the_same_curvature_settings_scores_with_the_stored_fit(client, trained, service):
+    """An ekfac audit stores its fitted curvature (safetensors in the artifact store); another audit of the
+    same model and dataset with the same fitting settings scores with it, with no fitting pass, and gets
+    the same scores, whatever its flag rule; other settings fit their own; the stored fit outlives the
+    audit that made it while a later audit uses it."""
+    inputs, labels, _, onnx_path = trained
+    m = upload_model(client, onnx_path).json()
+    d = upload_dataset(client, npz_bytes(inputs=inputs, labels=labels)).json()
+    job = {"model_id": m["id"], "dataset_id": d["id"], "method": "ekfac", "damping": 0.01}
+
+    def run(**extra):
+        final, _ = wait_for_audit(client, client.post("/v1/audits", json=job | extra).json()["id"], timeout=120)
+        assert final["status"] == "succeeded", final["error"]
+        return final
+
+    def scores(audit):
+        return [item["score"] for item in all_pages(client, f"/v1/audits/{audit['id']}/scores", limit=1000)]
+
+    first = run()
+    stored = first["summary"]["curvature"]
+    assert stored["reused_from_audit"] is None and stored["size_bytes"] > 0
+    assert (service.data_dir / "artifacts" / stored["sha256"][:2] / stored["sha256"]).exists()
+    second = run(flag_fraction=0.05)
+    assert second["summary"]["curvature_reused"] and second["summary"]["curvature"]["reused_from_audit"] == first["id"]
+    assert second["summary"]["curvature"]["sha256"] == stored["sha256"]
+    assert scores(second) == pytest.approx(scores(first), rel=1e-6)
+    assert second["summary"]["num_flagged"] == 60
+    other = run(damping=0.1)
+    assert other["summary"]["curvature"]["reused_from_audit"] is None
+    assert other["summary"]["curvature"]["sha256"] != stored["sha256"]
+
+    assert client.delete(f"/v1/audits/{first['id']}").status_code == 204
+    third = run()
+    assert third["summary"]["curvature"]["reused_from_audit"] == second["id"]
+    assert third["summary"]["curvature"]["sha256"] == stored["sha256"]

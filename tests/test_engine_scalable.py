@@ -465,3 +465,30 @@ def test_an_embedding_table_gets_the_kronecker_treatment_of_its_one_hot_linear_m
     fused = run_audit(table, ids, y, AuditConfig(method=method, damping=1e-3, batch_size=16)).scores
     streamed = run_audit(table, ids, y, AuditConfig(method=method, damping=1e-3, batch_size=16, cache_bytes=0)).scores
     torch.testing.assert_close(fused, streamed, rtol=1e-5, atol=1e-10)
+
+
+@pytest.mark.parametrize("method", ["ekfac", "kfac", "diagonal"])
+def test_a_stored_curvature_scores_as_the_fit_that_made_it(method):
+    """The fitted curvature (every block: convolutions, shared and multi-position layers, a position
+    table, the fallback) survives safetensors bytes and scores as the audit that fitted it, with no
+    fitting pass; it is refused by another estimator or a model of another structure."""
+    from app.influence import FittedCurvature
+
+    torch.manual_seed(0)
+    model = _ConvZoo().eval().requires_grad_(False)
+    x, y = torch.randn(40, 2, 8, 8), torch.randint(0, 3, (40,))
+    fitted = run_audit(model, x, y, AuditConfig(method=method, batch_size=16))
+    stored = FittedCurvature.from_bytes(fitted.curvature.to_bytes())
+    assert stored.metadata["estimator"] == method and stored.num_bytes == fitted.curvature.num_bytes > 0
+    stages = []
+    again = run_audit(model, x, y, AuditConfig(method=method, batch_size=16), curvature=stored,
+                      progress=lambda stage, f: stages.append(stage))
+    assert set(stages) <= {"predictions", "scores"} and again.summary["curvature_reused"]
+    torch.testing.assert_close(again.scores, fitted.scores, rtol=1e-5, atol=1e-10)
+    assert again.damping == fitted.damping
+    other = "diagonal" if method != "diagonal" else "ekfac"
+    with pytest.raises(EngineError, match="stored curvature is"):
+        run_audit(model, x, y, AuditConfig(method=other), curvature=stored)
+    smaller = nn.Sequential(nn.Flatten(), nn.Linear(128, 3)).eval()
+    with pytest.raises(EngineError, match="another structure"):
+        run_audit(smaller, x, y, AuditConfig(method=method), curvature=stored)

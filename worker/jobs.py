@@ -31,7 +31,7 @@ from app.audits.tables import Audit, AuditFlag
 from app.core.config import Settings
 from app.core.storage import ArtifactStore
 from app.core.timeutil import as_utc, utcnow
-from app.influence import AuditConfig, EngineError, run_audit
+from app.influence import AuditConfig, EngineError, FittedCurvature, run_audit
 
 log = logging.getLogger("pbrf_audit.worker")
 MAX_ATTEMPTS = 3
@@ -182,6 +182,25 @@ def _extras_of(result, i: int) -> dict:
             "out_of_sample_given_probability": float(extras["out_of_sample_given_probability"][i])}
 
 
+def _stored_curvature(factory: sessionmaker, store: ArtifactStore, tenant: str, key: str | None):
+    """((sha256, FittedCurvature), audit id) of the latest succeeded audit with this curvature key whose
+    file is still stored, or (None, None): then the audit fits its own."""
+    if key is None:
+        return None, None
+    with factory() as session:
+        found = session.execute(select(Audit.id, Audit.curvature_sha256).where(
+            Audit.tenant_id == tenant, Audit.curvature_key == key, Audit.status == "succeeded",
+            Audit.curvature_sha256.is_not(None)).order_by(Audit.finished_at.desc()).limit(1)).first()
+    if found is None:
+        return None, None
+    path = store.path_for(found.curvature_sha256)
+    try:
+        return (found.curvature_sha256, FittedCurvature.from_bytes(path.read_bytes())), str(found.id)
+    except Exception:  # removed meanwhile or unreadable: fit again rather than fail
+        log.warning("stored curvature %s of audit %s could not be read; fitting again", path, found.id)
+        return None, None
+
+
 def run_audit_job(audit_id: uuid.UUID, settings: Settings, factory: sessionmaker, worker_name: str | None = None) -> str:
     """Run one audit if it can be claimed. Returns the final status seen by this attempt."""
     worker_name = worker_name or f"{socket.gethostname()}:{os.getpid()}"
@@ -195,6 +214,7 @@ def run_audit_job(audit_id: uuid.UUID, settings: Settings, factory: sessionmaker
         dataset_row = session.get(DatasetArtifact, audit.dataset_id)
         params = dict(audit.params or {})
         method, damping = audit.method, audit.damping_requested
+        key, tenant = audit.curvature_key, audit.tenant_id
     store = ArtifactStore(settings.storage_dir)
     try:
         with Heartbeat(factory, audit_id, token, settings.heartbeat_seconds) as heartbeat:
@@ -214,9 +234,18 @@ def run_audit_job(audit_id: uuid.UUID, settings: Settings, factory: sessionmaker
                                  verify_top_k=params.get("verify_top_k", 0),
                                  pbrf_epsilon=params.get("pbrf_epsilon"),
                                  max_exact_parameters=settings.max_exact_parameters)
+            stored, reused_from = _stored_curvature(factory, store, tenant, key)
             result = run_audit(model, torch.from_numpy(inputs), torch.from_numpy(dataset.labels), config,
-                               progress=progress)
+                               progress=progress, curvature=stored[1] if stored else None)
             progress("saving", 1.0)
+            curvature_sha = None
+            if result.curvature is not None and key is not None:
+                curvature_sha = stored[0] if stored else store.put_bytes(result.curvature.to_bytes())
+                result.summary["curvature"] = {
+                    "sha256": curvature_sha, "size_bytes": store.path_for(curvature_sha).stat().st_size,
+                    "reused_from_audit": reused_from,
+                    "note": "fitted once per tenant, model, dataset, estimator and fitting settings (damping, "
+                            "weight_decay, fisher_samples, seed); later audits with the same ones score with it"}
             # still heartbeating: saving a large result must not look like a dead worker
             scores_sha = store.put_bytes(_scores_file(result, dataset.labels))
             # the flags are one transaction: bounded, so that it never holds the database for long
@@ -239,7 +268,7 @@ def run_audit_job(audit_id: uuid.UUID, settings: Settings, factory: sessionmaker
                     session.execute(insert(AuditFlag), rows)
                 done = session.execute(update(Audit).where(_owned(audit_id, token)).values(
                     status="succeeded", progress=1.0, stage="done", finished_at=utcnow(), summary=result.summary,
-                    damping=result.damping, scores_sha256=scores_sha))
+                    damping=result.damping, scores_sha256=scores_sha, curvature_sha256=curvature_sha))
                 if done.rowcount != 1:
                     session.rollback()
                     raise JobLost

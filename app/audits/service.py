@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import math
 import uuid
@@ -19,12 +21,14 @@ from app.core.config import get_settings
 from app.core.errors import ProblemError, not_found
 from app.core.storage import ArtifactStore
 from app.core.timeutil import utcnow
-from app.influence.registry import available_methods
+from app.influence.registry import ESTIMATORS, available_methods
 
 from .quota import audit_result_bytes, quota_exceeded, storage_left
 from .schemas import TERMINAL, AuditCreate
 from .tables import Audit, AuditFlag
 
+# part of every curvature key: a change to what a stored fit holds makes old fits unused, not misread
+CURVATURE_FORMAT = "pbrf-audit blockwise curvature v1"
 log = logging.getLogger(__name__)
 
 
@@ -102,10 +106,26 @@ def create_audit(*, session: Session, tenant_id: str, request: AuditCreate) -> A
     params = request.model_dump(mode="json", exclude={"model_id", "dataset_id", "method", "damping"})
     audit = Audit(tenant_id=tenant_id, model_id=model.id, dataset_id=dataset.id, status="queued",
                   method=request.method, damping_requested=request.damping, damping=request.damping, params=params,
-                  progress=0.0, stage="queued", attempts=0)
+                  progress=0.0, stage="queued", attempts=0, curvature_key=curvature_key(tenant_id, request))
     session.add(audit)
     session.flush()
     return audit
+
+
+def curvature_key(tenant_id: str, request: AuditCreate) -> str | None:
+    """What identifies the curvature an audit fits, for estimators that store theirs: the same tenant,
+    model, dataset, estimator and fitting settings give the same fit (batch size and the flag rule do
+    not enter it). None for methods whose curvature is not stored."""
+    name = request.method
+    if name == "loo":
+        name = "ekfac" if request.curvature == "auto" else request.curvature
+    estimator = ESTIMATORS.get(name)
+    if estimator is None or not estimator.stores_curvature:
+        return None
+    identity = {"format": CURVATURE_FORMAT, "tenant": tenant_id, "model": str(request.model_id),
+                "dataset": str(request.dataset_id), "estimator": name, "damping": request.damping,
+                "weight_decay": request.weight_decay, "fisher_samples": request.fisher_samples, "seed": request.seed}
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
 
 
 def enqueue(session: Session, audit_id: uuid.UUID) -> None:
@@ -177,6 +197,7 @@ def referenced_digests(session: Session) -> set[str]:
         digests |= {part["sha256"] for part in parts or []}
     digests |= set(session.scalars(select(DatasetArtifact.sha256)))
     digests |= set(session.scalars(select(Audit.scores_sha256).where(Audit.scores_sha256.is_not(None))))
+    digests |= set(session.scalars(select(Audit.curvature_sha256).where(Audit.curvature_sha256.is_not(None))))
     return digests
 
 

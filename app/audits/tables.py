@@ -36,6 +36,10 @@ class Audit(Base):
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     summary: Mapped[dict | None] = mapped_column(JSON)
     scores_sha256: Mapped[str | None] = mapped_column(String(64))
+    # the fitted curvature (safetensors in the store) and what identifies it: a later audit with the
+    # same key (tenant, model, dataset, estimator and its settings) scores with it instead of refitting
+    curvature_key: Mapped[str | None] = mapped_column(String(64), index=True)
+    curvature_sha256: Mapped[str | None] = mapped_column(String(64))
 
 
 class AuditFlag(Base):

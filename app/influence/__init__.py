@@ -7,11 +7,11 @@ No FastAPI, Celery or SQLAlchemy import anywhere in this package (a test checks 
 """
 
 from .audit import AuditConfig, AuditResult, run_audit
-from .base import EngineError, Estimator, EstimatorOptions
+from .base import EngineError, Estimator, EstimatorOptions, FittedCurvature
 from .losses import CrossEntropyOutput, SquaredErrorOutput, output_loss
 from .registry import available_methods, make_estimator
 
 __all__ = [
-    "AuditConfig", "AuditResult", "run_audit", "EngineError", "Estimator", "EstimatorOptions",
+    "AuditConfig", "AuditResult", "run_audit", "EngineError", "Estimator", "EstimatorOptions", "FittedCurvature",
     "CrossEntropyOutput", "SquaredErrorOutput", "output_loss", "available_methods", "make_estimator",
 ]

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .base import BatchSource, EngineError, Estimator, EstimatorOptions
+from .base import BatchSource, EngineError, Estimator, EstimatorOptions, FittedCurvature
 from .registry import make_estimator
 from .losses import output_loss
 
@@ -54,6 +54,8 @@ class AuditResult:
     summary: dict = field(default_factory=dict)
     # per-example extras of some methods (loo: out-of-sample probability of the given label, suggestion)
     extras: dict[str, torch.Tensor] = field(default_factory=dict)
+    # the fitted curvature, for estimators that can store it (fitted by this audit or given to it)
+    curvature: FittedCurvature | None = None
 
 
 def pick_device(requested: str | None) -> torch.device:
@@ -110,7 +112,9 @@ def check_compatible(model: nn.Module, inputs: torch.Tensor, targets: torch.Tens
 
 
 def run_audit(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, config: AuditConfig,
-              progress: ProgressCallback | None = None) -> AuditResult:
+              progress: ProgressCallback | None = None, curvature: FittedCurvature | None = None) -> AuditResult:
+    """`curvature`: a fit stored by an earlier audit of the same model with the same curvature settings
+    (AuditResult.curvature); the audit then scores with it and makes no fitting pass."""
     started = time.perf_counter()
     report = progress or (lambda stage, fraction: None)
     device = pick_device(config.device)
@@ -138,13 +142,19 @@ def run_audit(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, con
     estimator: Estimator = make_estimator(name, model, loss, options, device)
     batch_size = config.batch_size or auto_batch_size(estimator, num_outputs, inputs[:2].to(device))
     data = BatchSource(inputs, targets, batch_size, device)
-    estimator.prepare(data)
+    if curvature is not None:
+        if not estimator.stores_curvature:
+            raise EngineError(f"the '{estimator.name}' curvature cannot be loaded")
+        estimator.load_curvature(curvature, inputs[:2].to(device))
+    else:
+        estimator.prepare(data)
     # a fit that scores every example needs no scoring pass; a fit that runs the model forward on every
     # batch in order (a blockwise estimator's first pass) gives the predictions too
     one_pass = estimator.precomputed_scores is not None or getattr(estimator, "scores_in_fit", False) \
         or getattr(estimator, "one_pass", False)
     predictions_from_fit = getattr(estimator, "predictions_in_fit", False) or (one_pass and not loo)
-    passes = (0 if predictions_from_fit else 1) + estimator.num_passes + (0 if one_pass and not loo else 1) \
+    fit_passes = 0 if curvature is not None else estimator.num_passes
+    passes = (0 if predictions_from_fit else 1) + fit_passes + (0 if one_pass and not loo else 1) \
         + (1 if config.verify_top_k else 0)
     num_batches = data.num_batches
     timings: dict[str, float] = {}
@@ -181,7 +191,8 @@ def run_audit(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, con
         if fraction >= 1.0:
             done_passes += 1
 
-    estimator.fit(data, fit_report)
+    if curvature is None:
+        estimator.fit(data, fit_report)
     timings["curvature"] = time.perf_counter() - t0
     if predictions_from_fit:
         if estimator.batch_outputs is None or len(estimator.batch_outputs) != num_batches:
@@ -239,6 +250,7 @@ def run_audit(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, con
         "num_flagged": num_flags,
         "flag_rule": flag_rule,
         "estimator": estimator.describe(),
+        "curvature_reused": curvature is not None,
         "seconds": {k: round(v, 4) for k, v in timings.items()} | {"total": round(time.perf_counter() - started, 4)},
     }
     if loo:
@@ -256,7 +268,8 @@ def run_audit(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, con
     return AuditResult(scores=scores, self_influence=raw if estimator.uses_curvature else None,
                        losses=losses_t, predicted=predicted_t, given_probability=given_prob_t,
                        flagged=order[:num_flags], damping=estimator.damping, summary=json_safe(summary),
-                       extras=extras)
+                       extras=extras, curvature=curvature if curvature is not None else (
+                           estimator.fitted_curvature() if estimator.stores_curvature else None))
 
 
 def json_safe(value):

@@ -53,11 +53,43 @@ class EstimatorOptions:
     extra: dict = field(default_factory=dict)
 
 
+@dataclass
+class FittedCurvature:
+    """A fitted curvature as named tensors plus string metadata (what safetensors stores): enough to
+    score with it later without refitting, on the same model. `metadata["structure"]` says which
+    parameters each block covers; loading it into an estimator whose structure differs is refused."""
+
+    tensors: dict[str, torch.Tensor]
+    metadata: dict[str, str]
+
+    @property
+    def num_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors.values())
+
+    def to_bytes(self) -> bytes:
+        from safetensors.torch import save
+
+        return save({k: v.detach().cpu().contiguous() for k, v in self.tensors.items()}, metadata=self.metadata)
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> FittedCurvature:
+        import json
+
+        from safetensors.torch import load
+
+        # the metadata sits in the JSON header after its 8-byte length (safetensors' format)
+        header_size = int.from_bytes(data[:8], "little")
+        metadata = json.loads(data[8 : 8 + header_size]).get("__metadata__") or {}
+        return cls(tensors=load(data), metadata=dict(metadata))
+
+
 class Estimator:
     name = "base"
     stages: tuple[str, ...] = ()
     # True when self_influence values are g^T (G + lambda I)^-1 g for some approximation of G.
     uses_curvature = True
+    # True when a fit can be exported as a FittedCurvature and loaded again instead of refitting.
+    stores_curvature = False
 
     def __init__(self, model: nn.Module, loss, options: EstimatorOptions, device: torch.device):
         self.model = model
@@ -100,6 +132,15 @@ class Estimator:
 
     def self_influence(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
+
+    def fitted_curvature(self) -> FittedCurvature:
+        """The fitted state, for storing (estimators with stores_curvature)."""
+        raise EngineError(f"the '{self.name}' curvature cannot be stored")
+
+    def load_curvature(self, curvature: FittedCurvature, example: torch.Tensor) -> None:
+        """Take a stored fit instead of fitting (estimators with stores_curvature). `example`: two
+        inputs, for whatever the estimator decides from the model before fitting."""
+        raise EngineError(f"the '{self.name}' curvature cannot be loaded")
 
     def describe(self) -> dict:
         """What the summary should say about how the curvature was treated."""

@@ -45,11 +45,13 @@ recorded output's gradient stays that of the layer's own output.
 
 from __future__ import annotations
 
+import json
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import Estimator, Partial
+from .base import EngineError, Estimator, FittedCurvature, Partial
 from .functional import flatten
 
 CHUNK_ELEMENTS = 1 << 24  # cap on B x d_out x d_in floats formed at once for multi-position layers
@@ -594,6 +596,7 @@ class _GradientSet:
 
 class KroneckerEstimator(Estimator):
     name = "ekfac"
+    stores_curvature = True
     rotate = True  # eigenbases from the Kronecker factors (False: diagonal)
     refit_eigenvalues = True  # EK-FAC's correction (False: K-FAC's a_i * s_o)
 
@@ -1101,6 +1104,40 @@ class KroneckerEstimator(Estimator):
             count += st["L"].numel()
         self.damping = self.options.damping if self.options.damping is not None else weighted / max(count, 1)
 
+    # ------------------------------------------------------------------ a fit stored and loaded
+    def _structure(self) -> dict:
+        """Which parameters each block covers, in the order the state refers to them."""
+        return {"layers": [[l.name, l.d_out, l.d_in] for l in self.layers],
+                "tables": [[t.name, t.rows, t.width] for t in self.tables],
+                "fallback": list(self.fallback_names)}
+
+    def fitted_curvature(self) -> FittedCurvature:
+        if not self.stages or not self.layer_damping:
+            raise EngineError(f"the '{self.name}' estimator has no fitted curvature to store")
+        tensors = {f"{key}/{field}": value for key, st in self.state.items() for field, value in st.items()}
+        metadata = {"estimator": self.name, "format": "pbrf-audit blockwise curvature v1",
+                    "structure": json.dumps(self._structure()), "damping": json.dumps(self.damping),
+                    "layer_damping": json.dumps(self.layer_damping),
+                    "options": json.dumps({"damping": self.options.damping, "weight_decay": self.options.weight_decay,
+                                           "fisher_samples": self.options.fisher_samples, "seed": self.options.seed})}
+        return FittedCurvature(tensors, metadata)
+
+    def load_curvature(self, curvature: FittedCurvature, example: torch.Tensor) -> None:
+        meta = curvature.metadata
+        if meta.get("estimator") != self.name:
+            raise EngineError(f"stored curvature is '{meta.get('estimator')}', not '{self.name}'")
+        self._probe(example)  # decides which modules are tables and which parameters fall back
+        if json.loads(meta["structure"]) != self._structure():
+            raise EngineError("the stored curvature was fitted on a model of another structure")
+        state: dict[str, dict[str, torch.Tensor]] = {}
+        for key, value in curvature.tensors.items():
+            block, _, field = key.rpartition("/")
+            state.setdefault(block, {})[field] = value.to(self.device)
+        self.state = state
+        self.layer_damping = {k: float(v) for k, v in json.loads(meta["layer_damping"]).items()}
+        self.damping = json.loads(meta["damping"])
+        self.one_pass = self.scores_in_fit = self.predictions_in_fit = False
+
     # ----------------------------------------------------------------------------- scoring
     def self_influence(self, inputs, targets):
         scores = torch.zeros(inputs.shape[0], dtype=torch.float64, device=inputs.device)
@@ -1211,6 +1248,7 @@ class IdentityEstimator(KroneckerEstimator):
     name = "identity"
     rotate = False
     uses_curvature = False
+    stores_curvature = False
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
