@@ -492,3 +492,67 @@ def test_a_stored_curvature_scores_as_the_fit_that_made_it(method):
     smaller = nn.Sequential(nn.Flatten(), nn.Linear(128, 3)).eval()
     with pytest.raises(EngineError, match="another structure"):
         run_audit(smaller, x, y, AuditConfig(method=method), curvature=stored)
+
+
+@pytest.mark.parametrize("method", ["ekfac", "kfac", "diagonal"])
+def test_cross_influence_is_symmetric_and_its_diagonal_is_the_self_influence(method):
+    """g_i^T (G + lambda I)^-1 g_q over every block kind (convolutions, shared and multi-position layers,
+    a position table, the fallback; a token table with repeated and padding ids): for a batch as its own
+    queries the matrix is symmetric and its diagonal is the self-influence."""
+    torch.manual_seed(0)
+    zoo = _ConvZoo().eval().requires_grad_(False)
+    x, y = torch.randn(40, 2, 8, 8), torch.randint(0, 3, (40,))
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.multinomial(torch.tensor([1.0, 2.0, 3.0, 5.0, 8.0, 13.0, 0.0]), 60 * 6, replacement=True,
+                            generator=generator).reshape(60, 6)
+    labels = torch.randint(0, 3, (60,), generator=generator)
+    for model, inputs, targets in ((zoo, x, y), (_Tokens().eval().requires_grad_(False), ids, labels)):
+        est = fit(method, model, inputs, targets, damping=1e-3)
+        batch, given = inputs[:12], targets[:12]
+        matrix = est.cross_influence(batch, given, est.precondition_queries(batch, given))
+        # float32 blocks: off-diagonal entries cancel, so the absolute tolerance follows the largest entry
+        scale = 1e-5 * float(matrix.abs().max())
+        torch.testing.assert_close(matrix, matrix.T, rtol=1e-4, atol=scale)
+        torch.testing.assert_close(matrix.diagonal(), est.self_influence(batch, given), rtol=1e-4, atol=scale)
+
+
+def test_a_query_that_copies_a_training_example_finds_it_first_among_the_helpful():
+    """Attribution over a trained model's stored curvature: queries that are exact copies of training
+    examples (the most self-influential ones, which the model fits only because they are there) rank
+    their own originals first among the helpful, across several query chunks and batches."""
+    from app.influence import FittedCurvature, make_estimator
+    from app.influence.attribution import attribute
+    from tests.test_engine_exact import fit_to_noisy_clusters
+
+    model, x, y = fit_to_noisy_clusters(
+        lambda: nn.Sequential(nn.Linear(8, 32), nn.Tanh(), nn.Linear(32, 4)), data_seed=1, torch_seed=1, n=300,
+        dim=8, classes=4, spread=1.5, flip_rate=0.1, epochs=400)
+    result = run_audit(model, x, y, AuditConfig(method="ekfac"))
+    curvature = FittedCurvature.from_bytes(result.curvature.to_bytes())
+    est = make_estimator("ekfac", model, CrossEntropyOutput(), EstimatorOptions(), torch.device("cpu"))
+    est.load_curvature(curvature, x[:2])
+    picked = result.flagged[:6]  # the most self-influential: examples the model fits only because they are there
+    found = attribute(est, BatchSource(x, y, 64, torch.device("cpu")), x[picked], y[picked], top_k=5,
+                      query_bytes=2 * 8 * est.num_parameters)  # two queries per pass: three passes
+    assert found.helpful[:, 0].tolist() == picked.tolist()
+    assert found.helpful.shape == (6, 5) and (found.helpful_scores[:, :-1] >= found.helpful_scores[:, 1:]).all()
+    assert (found.harmful_scores[:, :-1] <= found.harmful_scores[:, 1:]).all() and (found.harmful_scores[:, 0] < 0).all()
+    expected = est.cross_influence(x, y, est.precondition_queries(x[picked], y[picked])).T
+    torch.testing.assert_close(found.helpful_scores, expected.gather(1, found.helpful), rtol=1e-5, atol=1e-10)
+
+
+def test_run_attribution_takes_a_stored_curvature_and_gives_the_same_ranking():
+    from app.influence import FittedCurvature
+    from app.influence.attribution import run_attribution
+
+    model, x, y = tiny_problem(n=80)
+    result = run_audit(model, x, y, AuditConfig(method="kfac", damping=1e-2))
+    curvature = FittedCurvature.from_bytes(result.curvature.to_bytes())
+    found = run_attribution(model, x, y, x[:3], y[:3], curvature, top_k=4, batch_size=32)
+    est = make_estimator("kfac", model, CrossEntropyOutput(), EstimatorOptions(), torch.device("cpu"))
+    est.load_curvature(curvature, x[:2])
+    full = est.cross_influence(x, y, est.precondition_queries(x[:3], y[:3])).T  # (3, N)
+    torch.testing.assert_close(found.helpful_scores, full.topk(4, dim=1).values, rtol=1e-5, atol=1e-10)
+    torch.testing.assert_close(found.harmful_scores, -(-full).topk(4, dim=1).values, rtol=1e-5, atol=1e-10)
+    with pytest.raises(EngineError):
+        run_attribution(model, x, y, x[:3], y[:3], FittedCurvature({}, {"estimator": "exact"}))

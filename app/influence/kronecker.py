@@ -355,17 +355,18 @@ class _LayerBatch:
             total = grad if total is None else total.add_(grad)
         return total
 
-    def squares(self, gs: list[torch.Tensor]):
-        """Squared rotated gradients for one set of output gradients (one per call of the layer), as
-        (start, "rank1", u (B, d_out), v (B, d_in)) for one-position layers, or
-        (start, "full", G~^2 (b, d_out, d_in), None) in chunks of the batch."""
+    def rotated(self, gs: list[torch.Tensor]):
+        """Rotated per-example gradients G~ = Q_S^T G Q_A for one set of output gradients (one per call
+        of the layer), as (start, "rank1", Q_S^T s (B, d_out), Q_A^T a (B, d_in)) for one-position layers
+        (G~ = their outer product), or (start, "full", G~ (b, d_out, d_in), None) in chunks of the batch,
+        each chunk a fresh tensor."""
         layer, QA, QS = self.layer, self.QA, self.QS
         gs = [g.float() for g in gs]
         if self.path == "rank1":
             s = layer.output_grads(gs[0])[:, 0]
             if QS is not None:
                 s = s @ QS
-            yield 0, "rank1", s.pow(2), self.squared_inputs()
+            yield 0, "rank1", s, self.inputs()[:, 0]
             return
         o, d, B = layer.d_out, layer.d_in, self.batch
         step = max(1, CHUNK_ELEMENTS // (o * d))
@@ -386,7 +387,7 @@ class _LayerBatch:
                     if QS is not None:
                         s = s @ QS
                     g = torch.bmm(s.transpose(1, 2), a[start:stop])
-                yield start, "full", g.pow_(2), None
+                yield start, "full", g, None
             return
         left = QS if QS is not None and self.T < d else None  # rotate the output side on the positions
         for start in range(0, B, step):
@@ -395,7 +396,16 @@ class _LayerBatch:
                 g = torch.matmul(QS.T, g)
             if QA is not None:
                 g = (g.reshape(-1, d) @ QA).view(g.shape[0], o, d)
-            yield start, "full", g.pow_(2), None
+            yield start, "full", g, None
+
+    def squares(self, gs: list[torch.Tensor]):
+        """The squared rotated gradients: (start, "rank1", u = (Q_S^T s)^2 (B, d_out), v = (Q_A^T a)^2
+        (B, d_in)) for one-position layers, or (start, "full", G~^2 (b, d_out, d_in), None) in chunks."""
+        for start, kind, g, _ in self.rotated(gs):
+            if kind == "rank1":
+                yield start, kind, g.pow(2), self.squared_inputs()
+            else:
+                yield start, kind, g.pow_(2), None
 
 
 class _DiagModule:
@@ -566,13 +576,18 @@ class _GradientSet:
         for block in self.blocks:
             yield block, self.grads[block.layer.name]
 
-    def table_squares(self, table: _Table, QS: torch.Tensor | None):
-        """(example, id, squared rotated row sums (U, D)) of each distinct (example, id) pair, and the
-        number of lookups per example."""
+    def table_sums(self, table: _Table, QS: torch.Tensor | None):
+        """(example, id, rotated row sums (U, D)) of each distinct (example, id) pair, and the number of
+        lookups per example."""
         example, ids, g, per_example = table.lookups(self.estimator._table_inputs[table.name], self.grads[table.name])
         examples, rows, inverse = table.grouped(example, ids)
         h = g @ QS if QS is not None else g
-        return examples, rows, _Table.summed(inverse, rows.shape[0], h).pow_(2), per_example
+        return examples, rows, _Table.summed(inverse, rows.shape[0], h), per_example
+
+    def table_squares(self, table: _Table, QS: torch.Tensor | None):
+        """As table_sums, the row sums squared."""
+        examples, rows, sums, per_example = self.table_sums(table, QS)
+        return examples, rows, sums.pow_(2), per_example
 
     def fallback(self) -> torch.Tensor | None:
         """(B, P_fallback) per-example gradients of the parameters no tracked layer covers, in
@@ -592,6 +607,40 @@ class _GradientSet:
             parts.update(est._vmap_grads(self.inputs, self.vectors, est.vmap_names))
         return torch.cat([parts[n] if n in parts else self.inputs.new_zeros(B, est.params[n].numel(), dtype=torch.float32)
                           for n in est.fallback_names], dim=1)
+
+
+class _Queries:
+    """Preconditioned query gradients (KroneckerEstimator.precondition_queries). A table's part is
+    sparse: (query, row, vector) for each row a query looks up, indexed by row (CSR) so that a training
+    example meets only the queries that share one of its rows."""
+
+    def __init__(self, count: int):
+        self.count = count
+        self.layers: dict[str, torch.Tensor] = {}
+        self.tables: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        self.fallback: torch.Tensor | None = None
+
+    def add_table(self, table: _Table, queries: torch.Tensor, rows: torch.Tensor, vectors: torch.Tensor) -> None:
+        order = torch.argsort(rows, stable=True)
+        starts = torch.zeros(table.rows + 1, dtype=torch.long, device=rows.device)
+        starts[1:] = torch.cumsum(torch.bincount(rows, minlength=table.rows), 0)
+        self.tables[table.name] = (starts, queries[order], vectors[order])
+
+    def table_products(self, table: _Table, examples: torch.Tensor, rows: torch.Tensor, sums: torch.Tensor,
+                       batch: int) -> torch.Tensor:
+        """(B, Q) sum over shared rows of a training example's rotated row sum times a query's vector."""
+        starts, queries, vectors = self.tables[table.name]
+        out = torch.zeros(batch, self.count, dtype=torch.float64, device=sums.device)
+        counts = starts[rows + 1] - starts[rows]
+        if int(counts.sum()) == 0:
+            return out
+        pair = torch.repeat_interleave(torch.arange(rows.shape[0], device=rows.device), counts)
+        # the position of each matched query pair inside its row's run: start of the run + offset
+        offsets = torch.arange(pair.shape[0], device=rows.device) - torch.repeat_interleave(
+            torch.cumsum(counts, 0) - counts, counts)
+        match = starts[rows[pair]] + offsets
+        products = (sums[pair] * vectors[match]).sum(1).double()
+        return out.index_put_((examples[pair], queries[match]), products, accumulate=True)
 
 
 class KroneckerEstimator(Estimator):
@@ -1158,6 +1207,54 @@ class KroneckerEstimator(Estimator):
                 fb = self.state["__fallback__"]
                 scores += (g.pow(2) / (fb["L"] + self.layer_damping["__fallback__"])).sum(1)
         return scores
+
+    # ------------------------------------------------------------------ train-to-query attribution
+    def precondition_queries(self, inputs: torch.Tensor, targets: torch.Tensor) -> _Queries:
+        """(G + lambda I)^-1 g_q of each query example's loss gradient, kept blockwise in the rotated
+        bases: per tracked layer (Q, d_out, d_in) = G~_q / (L + lambda); per table the query's rotated
+        row sums over (L + lambda) of their rows (sparse: only the rows it looks up); the fallback's
+        (Q, P_fallback) over its diagonal. Q x (parameters) floats: callers bound Q."""
+        queries = _Queries(inputs.shape[0])
+        for gset in self._layer_grads(inputs, self._given_vectors(targets)):
+            for block, gs in gset.pairs():
+                name = block.layer.name
+                R = self.state[name]["R"]
+                full = R.new_empty(queries.count, *R.shape)
+                for start, kind, g, a in block.rotated(gs):
+                    if kind == "rank1":
+                        torch.mul(g.unsqueeze(2), a.unsqueeze(1), out=full)
+                    else:
+                        full[start : start + g.shape[0]] = g
+                queries.layers[name] = full.mul_(R)
+            for table in self.tables:
+                st = self.state[table.name]
+                examples, rows, sums, _ = gset.table_sums(table, st.get("QS") if self.rotate else None)
+                queries.add_table(table, examples, rows, sums.mul_(st["R"][rows]))
+            if self.fallback_names:
+                fb = self.state["__fallback__"]
+                queries.fallback = gset.fallback().double() / (fb["L"] + self.layer_damping["__fallback__"])
+        return queries
+
+    def cross_influence(self, inputs: torch.Tensor, targets: torch.Tensor, queries: _Queries) -> torch.Tensor:
+        """(B, Q): g_i^T (G + lambda I)^-1 g_q for each training example i of the batch and each query q
+        (positive: training on i lowers q's loss). Its diagonal, for the batch as its own queries, is
+        the self-influence."""
+        out = torch.zeros(inputs.shape[0], queries.count, dtype=torch.float64, device=inputs.device)
+        for gset in self._layer_grads(inputs, self._given_vectors(targets)):
+            for block, gs in gset.pairs():
+                P = queries.layers[block.layer.name]  # (Q, d_out, d_in)
+                for start, kind, g, a in block.rotated(gs):
+                    if kind == "rank1":  # sum_oi s_o P[q, o, i] a_i
+                        out += torch.einsum("bo,qoi,bi->bq", g, P, a).double()
+                    else:
+                        out[start : start + g.shape[0]] += (g.flatten(1) @ P.flatten(1).T).double()
+            for table in self.tables:
+                st = self.state[table.name]
+                examples, rows, sums, _ = gset.table_sums(table, st.get("QS") if self.rotate else None)
+                out += queries.table_products(table, examples, rows, sums, inputs.shape[0])
+            if self.fallback_names:
+                out += gset.fallback().double() @ queries.fallback.T
+        return out
 
     def leverage(self, inputs: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
         """J_c (G + lambda I)^-1 J_c'^T for the logits `classes` (B, K) of each example: (B, K, K).
