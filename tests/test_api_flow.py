@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import time
 
 import numpy as np
 import pytest
@@ -293,3 +294,49 @@ def test_a_second_audit_with_the_same_curvature_settings_scores_with_the_stored_
     third = run()
     assert third["summary"]["curvature"]["reused_from_audit"] == second["id"]
     assert third["summary"]["curvature"]["sha256"] == stored["sha256"]
+
+
+def test_attributions_rank_the_training_examples_behind_each_query(client, trained, service):
+    """POST /v1/audits/{id}/attributions with a query set: 202 + Location; the job uses the audit's
+    stored curvature; each query that copies one of the audit's top flags finds that training example
+    first among the helpful; pages in query order; refusals name the problem and store nothing."""
+    inputs, labels, _, onnx_path = trained
+    m = upload_model(client, onnx_path).json()
+    d = upload_dataset(client, npz_bytes(inputs=inputs, labels=labels)).json()
+    audit, _ = wait_for_audit(client, client.post("/v1/audits", json={
+        "model_id": m["id"], "dataset_id": d["id"], "method": "ekfac"}).json()["id"], timeout=120)
+    assert audit["status"] == "succeeded"
+    top = [f["index"] for f in client.get(f"/v1/audits/{audit['id']}/flags", params={"limit": 3}).json()["items"]]
+    query = npz_bytes(inputs=inputs[top], labels=labels[top])
+    r = client.post(f"/v1/audits/{audit['id']}/attributions", files={"file": ("q.npz", query)}, data={"top_k": "4"})
+    assert r.status_code == 202, r.text
+    created = r.json()
+    assert r.headers["location"] == f"/v1/attributions/{created['id']}" and created["num_queries"] == 3
+    deadline = time.monotonic() + 120
+    while (body := client.get(r.headers["location"]).json())["status"] in ("queued", "running"):
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    assert body["status"] == "succeeded", body["error"]
+    first = client.get(f"/v1/attributions/{created['id']}/queries", params={"limit": 2}).json()
+    rest = client.get(f"/v1/attributions/{created['id']}/queries",
+                      params={"limit": 2, "cursor": first["next_cursor"]}).json()
+    items = first["items"] + rest["items"]
+    assert [q["query_index"] for q in items] == [0, 1, 2] and rest["next_cursor"] is None
+    assert [q["helpful"][0]["index"] for q in items] == top
+    for q in items:
+        assert len(q["helpful"]) == 4 and len(q["harmful"]) == 4
+        assert [h["score"] for h in q["helpful"]] == sorted((h["score"] for h in q["helpful"]), reverse=True)
+
+    # refusals: an audit that stored no curvature, queries the model cannot take, an unknown audit
+    identity, _ = wait_for_audit(client, client.post("/v1/audits", json={
+        "model_id": m["id"], "dataset_id": d["id"], "method": "identity"}).json()["id"], timeout=120)
+    assert_problem(client.post(f"/v1/audits/{identity['id']}/attributions", files={"file": ("q.npz", query)}),
+                   422, "audit-without-curvature")
+    wrong = npz_bytes(inputs=np.zeros((2, 5), np.float32), labels=np.zeros(2, np.int64))
+    assert_problem(client.post(f"/v1/audits/{audit['id']}/attributions", files={"file": ("q.npz", wrong)}),
+                   422, "model-dataset-mismatch")
+    assert_problem(client.post("/v1/audits/00000000-0000-4000-8000-000000000000/attributions",
+                               files={"file": ("q.npz", query)}), 404, "not-found")
+    # deleting the audit takes its attribution along
+    assert client.delete(f"/v1/audits/{audit['id']}").status_code == 204
+    assert_problem(client.get(f"/v1/attributions/{created['id']}"), 404, "not-found")

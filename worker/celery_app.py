@@ -13,6 +13,7 @@ from celery import Celery
 from app.core.config import Settings, get_settings
 
 RUN_AUDIT = "pbrf.run_audit"
+RUN_ATTRIBUTION = "pbrf.run_attribution"
 
 
 def make_celery(settings: Settings) -> Celery:

@@ -27,11 +27,12 @@ from sqlalchemy.orm import Session, sessionmaker
 from app.artifacts import loaders
 from app.artifacts.service import dataset_limits, external_paths
 from app.artifacts.tables import DatasetArtifact, ModelArtifact
-from app.audits.tables import Audit, AuditFlag
+from app.audits.tables import Attribution, Audit, AuditFlag
 from app.core.config import Settings
 from app.core.storage import ArtifactStore
 from app.core.timeutil import as_utc, utcnow
 from app.influence import AuditConfig, EngineError, FittedCurvature, run_audit
+from app.influence.attribution import run_attribution
 
 log = logging.getLogger("pbrf_audit.worker")
 MAX_ATTEMPTS = 3
@@ -63,42 +64,43 @@ def _dead_local_worker(worker: str | None) -> bool:
     return stat.rsplit(")", 1)[-1].split()[0] == "Z"
 
 
-def claim(session: Session, audit_id: uuid.UUID, worker_name: str, stale_after: float) -> str | None:
+def claim(session: Session, audit_id: uuid.UUID, worker_name: str, stale_after: float, table=Audit) -> str | None:
     """Compare-and-set: take a queued job, or a running one whose worker stopped heartbeating or is
-    a dead process on this host (a redelivered message after a crash)."""
+    a dead process on this host (a redelivered message after a crash). `table`: the job's table (Audit,
+    or Attribution, which has the same lifecycle columns)."""
     token = uuid.uuid4().hex
     now = utcnow()
     stale = now - timedelta(seconds=stale_after)
-    current = session.get(Audit, audit_id)
+    current = session.get(table, audit_id)
     lost = current is not None and current.status == "running" and _dead_local_worker(current.worker)
-    running_claimable = Audit.heartbeat_at < stale
+    running_claimable = table.heartbeat_at < stale
     if lost:  # compare-and-set on the dead attempt's token so that only one redelivery wins
-        running_claimable = Audit.claim_token == current.claim_token
+        running_claimable = table.claim_token == current.claim_token
     session.expire_all()
-    claimable = or_(Audit.status == "queued", and_(Audit.status == "running", running_claimable))
+    claimable = or_(table.status == "queued", and_(table.status == "running", running_claimable))
     result = session.execute(
-        update(Audit).where(Audit.id == audit_id, claimable, Audit.attempts < MAX_ATTEMPTS)
-        .values(status="running", claim_token=token, attempts=Audit.attempts + 1, worker=worker_name,
+        update(table).where(table.id == audit_id, claimable, table.attempts < MAX_ATTEMPTS)
+        .values(status="running", claim_token=token, attempts=table.attempts + 1, worker=worker_name,
                 heartbeat_at=now, stage="loading", progress=0.0, error=None)
     )
     if result.rowcount != 1:
         session.rollback()
         return None
-    session.execute(update(Audit).where(Audit.id == audit_id, Audit.started_at.is_(None)).values(started_at=now))
+    session.execute(update(table).where(table.id == audit_id, table.started_at.is_(None)).values(started_at=now))
     session.commit()
     return token
 
 
-def _owned(audit_id: uuid.UUID, token: str):
-    return and_(Audit.id == audit_id, Audit.claim_token == token, Audit.status == "running")
+def _owned(audit_id: uuid.UUID, token: str, table=Audit):
+    return and_(table.id == audit_id, table.claim_token == token, table.status == "running")
 
 
 class Heartbeat:
     """Writes heartbeat_at on a timer (covers long single steps such as eigendecompositions) and
     notices cancellation; the engine's progress callback checks `lost` at batch boundaries."""
 
-    def __init__(self, factory: sessionmaker, audit_id: uuid.UUID, token: str, interval: float):
-        self.factory, self.audit_id, self.token, self.interval = factory, audit_id, token, interval
+    def __init__(self, factory: sessionmaker, audit_id: uuid.UUID, token: str, interval: float, table=Audit):
+        self.factory, self.audit_id, self.token, self.interval, self.table = factory, audit_id, token, interval, table
         self.lost = threading.Event()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -115,7 +117,7 @@ class Heartbeat:
         while not self._stop.wait(self.interval):
             try:
                 with self.factory() as session:
-                    result = session.execute(update(Audit).where(_owned(self.audit_id, self.token))
+                    result = session.execute(update(self.table).where(_owned(self.audit_id, self.token, self.table))
                                              .values(heartbeat_at=utcnow()))
                     session.commit()
                     if result.rowcount != 1:
@@ -130,6 +132,7 @@ class ProgressWriter:
     def __init__(self, factory: sessionmaker, audit_id: uuid.UUID, token: str, heartbeat: Heartbeat,
                  min_interval: float = 0.5):
         self.factory, self.audit_id, self.token, self.heartbeat = factory, audit_id, token, heartbeat
+        self.table = heartbeat.table
         self.min_interval = min_interval
         self._last = 0.0
         self._stage = None
@@ -142,16 +145,16 @@ class ProgressWriter:
             return
         self._last, self._stage = now, stage
         with self.factory() as session:
-            result = session.execute(update(Audit).where(_owned(self.audit_id, self.token))
+            result = session.execute(update(self.table).where(_owned(self.audit_id, self.token, self.table))
                                      .values(progress=round(0.98 * fraction, 4), stage=stage, heartbeat_at=utcnow()))
             session.commit()
         if result.rowcount != 1:
             raise JobLost
 
 
-def _fail(factory: sessionmaker, audit_id: uuid.UUID, token: str, message: str) -> None:
+def _fail(factory: sessionmaker, audit_id: uuid.UUID, token: str, message: str, table=Audit) -> None:
     with factory() as session:
-        session.execute(update(Audit).where(_owned(audit_id, token))
+        session.execute(update(table).where(_owned(audit_id, token, table))
                         .values(status="failed", error=message[:4000], finished_at=utcnow(), stage="failed"))
         session.commit()
 
@@ -290,19 +293,79 @@ def run_audit_job(audit_id: uuid.UUID, settings: Settings, factory: sessionmaker
         return "failed"
 
 
-def reap(factory: sessionmaker, settings: Settings, send) -> list[uuid.UUID]:
+def run_attribution_job(attribution_id: uuid.UUID, settings: Settings, factory: sessionmaker,
+                        worker_name: str | None = None) -> str:
+    """Attribute each query of an attribution to training examples with its audit's stored curvature
+    (claimed, heartbeating and written once, like an audit). Returns the final status of this attempt."""
+    worker_name = worker_name or f"{socket.gethostname()}:{os.getpid()}"
+    with factory() as session:
+        token = claim(session, attribution_id, worker_name, settings.stale_after_seconds, table=Attribution)
+        if token is None:
+            return "skipped"
+        row = session.get(Attribution, attribution_id)
+        audit = session.get(Audit, row.audit_id)
+        model_row = session.get(ModelArtifact, audit.model_id)
+        dataset_row = session.get(DatasetArtifact, audit.dataset_id)
+        query_sha, query_format, top_k = row.query_sha256, row.query_format, row.top_k
+        curvature_sha, batch_size = audit.curvature_sha256, (audit.params or {}).get("batch_size")
+    store = ArtifactStore(settings.storage_dir)
+    try:
+        with Heartbeat(factory, attribution_id, token, settings.heartbeat_seconds, table=Attribution) as heartbeat:
+            progress = ProgressWriter(factory, attribution_id, token, heartbeat)
+            progress("loading", 0.0)
+            loaded = loaders.load_model(store.path_for(model_row.sha256), model_row.format, model_row.architecture,
+                                        external_paths(store, model_row))
+            limits = dataset_limits(settings)
+            dataset = loaders.load_dataset(store.path_for(dataset_row.sha256), dataset_row.format, limits)
+            queries = loaders.load_dataset(store.path_for(query_sha), query_format, limits)
+            curvature = FittedCurvature.from_bytes(store.path_for(curvature_sha).read_bytes())
+            found = run_attribution(loaded.module, torch.from_numpy(loaders.pack_inputs(dataset, loaded.inputs)),
+                                    torch.from_numpy(dataset.labels),
+                                    torch.from_numpy(loaders.pack_inputs(queries, loaded.inputs)),
+                                    torch.from_numpy(queries.labels), curvature, top_k=top_k, progress=progress,
+                                    batch_size=batch_size)
+            progress("saving", 1.0)
+            buffer = io.BytesIO()
+            np.savez(buffer, helpful=found.helpful.numpy(), helpful_scores=found.helpful_scores.numpy(),
+                     harmful=found.harmful.numpy(), harmful_scores=found.harmful_scores.numpy())
+            results_sha = store.put_bytes(buffer.getvalue())
+            with factory() as session:
+                done = session.execute(update(Attribution).where(_owned(attribution_id, token, Attribution)).values(
+                    status="succeeded", progress=1.0, stage="done", finished_at=utcnow(), results_sha256=results_sha))
+                if done.rowcount != 1:
+                    session.rollback()
+                    raise JobLost
+                session.commit()
+        return "succeeded"
+    except JobLost:
+        return "lost"
+    except (EngineError, loaders.ArtifactError) as exc:
+        _fail(factory, attribution_id, token, str(getattr(exc, "detail", exc)), Attribution)
+        return "failed"
+    except Exception as exc:
+        if type(exc).__name__ == "SoftTimeLimitExceeded":
+            _fail(factory, attribution_id, token,
+                  f"the attribution exceeded its time limit of {settings.task_soft_time_limit} s", Attribution)
+            return "failed"
+        log.error("attribution %s crashed:\n%s", attribution_id, traceback.format_exc())
+        _fail(factory, attribution_id, token, f"internal error while attributing ({type(exc).__name__}: {exc})",
+              Attribution)
+        return "failed"
+
+
+def reap(factory: sessionmaker, settings: Settings, send, table=Audit) -> list[uuid.UUID]:
     """Re-enqueue what a crash or a broker loss left behind; returns the ids it re-sent.
 
     - running with a stale heartbeat, or whose worker process on this host is gone: back to queued
       (or failed after MAX_ATTEMPTS);
     - queued and never sent, or sent long ago without being claimed: the message may be lost.
-    Duplicate messages are harmless: the claim lets one through.
+    Duplicate messages are harmless: the claim lets one through. `table`: Audit or Attribution.
     """
     now = utcnow()
     stale = now - timedelta(seconds=settings.stale_after_seconds)
     resend: list[uuid.UUID] = []
     with factory() as session:
-        running = session.scalars(select(Audit).where(Audit.status == "running")).all()
+        running = session.scalars(select(table).where(table.status == "running")).all()
         for audit in running:
             stale_heartbeat = audit.heartbeat_at is not None and as_utc(audit.heartbeat_at) < stale
             dead_here = _dead_local_worker(audit.worker)  # its process is gone: no need to wait
@@ -310,27 +373,28 @@ def reap(factory: sessionmaker, settings: Settings, send) -> list[uuid.UUID]:
                 continue
             if audit.attempts >= MAX_ATTEMPTS:
                 values = {"status": "failed", "finished_at": now, "stage": "failed",
-                          "error": f"the worker running this audit was lost {audit.attempts} times (crash or out of memory)"}
+                          "error": f"the worker running this {table.__tablename__} was lost {audit.attempts} times "
+                                   "(crash or out of memory)"}
             else:
                 values = {"status": "queued", "claim_token": None, "stage": "requeued after a lost worker",
                           "enqueued_at": None}
-            guard = [Audit.id == audit.id, Audit.status == "running", Audit.claim_token == audit.claim_token]
+            guard = [table.id == audit.id, table.status == "running", table.claim_token == audit.claim_token]
             if not dead_here:
-                guard.append(Audit.heartbeat_at < stale)  # a heartbeat since the SELECT means it is alive
-            session.execute(update(Audit).where(*guard).values(**values))
+                guard.append(table.heartbeat_at < stale)  # a heartbeat since the SELECT means it is alive
+            session.execute(update(table).where(*guard).values(**values))
         session.commit()
         # A message counts as lost when it was never sent, or was sent long ago while no worker is busy
         # (a busy worker means the queue is simply waiting: re-sending then would only pile up duplicates).
-        busy = session.scalar(select(Audit.id).where(Audit.status == "running", Audit.heartbeat_at >= stale).limit(1))
-        lost = Audit.enqueued_at.is_(None) if busy else or_(Audit.enqueued_at.is_(None), Audit.enqueued_at < stale)
-        waiting = session.scalars(select(Audit.id).where(Audit.status == "queued", lost)).all()
+        busy = session.scalar(select(table.id).where(table.status == "running", table.heartbeat_at >= stale).limit(1))
+        lost = table.enqueued_at.is_(None) if busy else or_(table.enqueued_at.is_(None), table.enqueued_at < stale)
+        waiting = session.scalars(select(table.id).where(table.status == "queued", lost)).all()
         for audit_id in waiting:
             try:
                 send(audit_id)
             except Exception:
                 log.exception("reaper could not enqueue audit %s", audit_id)
                 continue
-            session.execute(update(Audit).where(Audit.id == audit_id).values(enqueued_at=utcnow()))
+            session.execute(update(table).where(table.id == audit_id).values(enqueued_at=utcnow()))
             resend.append(audit_id)
         session.commit()
     return resend

@@ -12,8 +12,8 @@ from celery.signals import worker_process_init, worker_ready, worker_shutting_do
 from app.core.config import get_settings
 from app.core.db import get_engine, get_sessionmaker
 
-from .celery_app import RUN_AUDIT, celery_app
-from .jobs import reap, run_audit_job
+from .celery_app import RUN_ATTRIBUTION, RUN_AUDIT, celery_app
+from .jobs import reap, run_attribution_job, run_audit_job
 
 log = logging.getLogger("pbrf_audit.worker")
 _reaper_stop = threading.Event()
@@ -26,6 +26,15 @@ def run_audit_task(audit_id: str) -> str:
 
 def send_audit(audit_id: uuid.UUID) -> None:
     celery_app.send_task(RUN_AUDIT, args=[str(audit_id)])
+
+
+@celery_app.task(name=RUN_ATTRIBUTION, acks_late=True, reject_on_worker_lost=True)
+def run_attribution_task(attribution_id: str) -> str:
+    return run_attribution_job(uuid.UUID(attribution_id), get_settings(), get_sessionmaker())
+
+
+def send_attribution(attribution_id: uuid.UUID) -> None:
+    celery_app.send_task(RUN_ATTRIBUTION, args=[str(attribution_id)])
 
 
 _last_collection = 0.0
@@ -52,9 +61,14 @@ def _reaper_loop() -> None:
     settings = get_settings()
     while True:
         try:
+            from app.audits.tables import Attribution
+
             requeued = reap(get_sessionmaker(), settings, send_audit)
             if requeued:
                 log.warning("reaper re-enqueued audits %s", [str(a) for a in requeued])
+            requeued = reap(get_sessionmaker(), settings, send_attribution, table=Attribution)
+            if requeued:
+                log.warning("reaper re-enqueued attributions %s", [str(a) for a in requeued])
             _collect_garbage(settings)
         except Exception:
             log.exception("reaper pass failed")

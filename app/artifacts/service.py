@@ -126,21 +126,26 @@ def external_paths(store: ArtifactStore, model: ModelArtifact) -> dict[str, Path
     return {part["name"]: store.path_for(part["sha256"]) for part in (model.external_data or [])}
 
 
+def load_uploaded_dataset(path: Path, fmt: str, settings: Settings) -> loaders.LoadedDataset:
+    """Parse a staged dataset upload; whatever a hostile file provokes in the parsers is an ArtifactError."""
+    try:
+        return loaders.load_dataset(path, fmt, dataset_limits(settings))
+    except (loaders.ArtifactError, UploadTooLarge):
+        raise
+    except MemoryError as exc:
+        raise loaders.ArtifactError("dataset-too-large", "the dataset does not fit in memory", 413) from exc
+    except Exception as exc:  # anything else a hostile file provokes in the parsers is the file's fault
+        raise loaders.ArtifactError("invalid-dataset", f"the file could not be read as a {fmt} dataset "
+                                    f"({type(exc).__name__})") from exc
+
+
 def create_dataset(*, session: Session, store: ArtifactStore, settings: Settings, tenant_id: str, source: BinaryIO,
                    filename: str, name: str | None, storage_left: int | None = None) -> DatasetArtifact:
     name = display_name(name, filename, "dataset")
     try:
         fmt = loaders.detect_dataset_format(filename, _head(source))
         with store.staged(source, _upload_limit(settings, storage_left), suffix="." + fmt) as (path, sha, size):
-            try:
-                loaded = loaders.load_dataset(path, fmt, dataset_limits(settings))
-            except (loaders.ArtifactError, UploadTooLarge):
-                raise
-            except MemoryError as exc:
-                raise loaders.ArtifactError("dataset-too-large", "the dataset does not fit in memory", 413) from exc
-            except Exception as exc:  # anything else a hostile file provokes in the parsers is the file's fault
-                raise loaders.ArtifactError("invalid-dataset", f"the file could not be read as a {fmt} dataset "
-                                            f"({type(exc).__name__})") from exc
+            loaded = load_uploaded_dataset(path, fmt, settings)
             store.commit(path, sha)
     except loaders.ArtifactError as exc:
         raise _problem(exc) from exc

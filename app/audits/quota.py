@@ -2,7 +2,8 @@
 
 Counted: the bytes of every uploaded model (with its external-data parts) and dataset, and for every
 audit that has or will have results (queued, running, succeeded) an estimate of those results: the
-scores file (up to 9 eight-byte values per example) and the flag rows. A failed or cancelled audit
+scores file (up to 9 eight-byte values per example) and the flag rows; for attributions, their query
+set and results. A failed or cancelled audit
 stores nothing. Uploads and audits are refused with `storage-quota-exceeded` when they would take the
 tenant past `PBRF_TENANT_STORAGE_BYTES`; deleting models, datasets or audits frees quota. Two requests
 racing past the check can overshoot by one upload each: a soft bound, like the active-audit quota.
@@ -17,10 +18,11 @@ from app.artifacts.tables import DatasetArtifact, ModelArtifact
 from app.core.config import Settings
 from app.core.errors import ProblemError
 
-from .tables import Audit
+from .tables import Attribution, Audit
 
 SCORES_BYTES_PER_EXAMPLE = 96
 FLAG_ROW_BYTES = 160
+ATTRIBUTION_BYTES_PER_RESULT = 32  # a helpful and a harmful (index, score) pair per query and rank
 HOLDING_RESULTS = ("queued", "running", "succeeded")
 
 
@@ -44,7 +46,11 @@ def stored_bytes(session: Session, tenant_id: str, max_flags: int) -> int:
         select(func.coalesce(func.sum(n * SCORES_BYTES_PER_EXAMPLE + flags * FLAG_ROW_BYTES), 0))
         .select_from(Audit).join(DatasetArtifact, Audit.dataset_id == DatasetArtifact.id)
         .where(Audit.tenant_id == tenant_id, Audit.status.in_(HOLDING_RESULTS)))
-    return int(models) + parts + int(datasets) + int(results)
+    attributions = session.scalar(
+        select(func.coalesce(func.sum(Attribution.query_size_bytes
+                                      + Attribution.num_queries * Attribution.top_k * ATTRIBUTION_BYTES_PER_RESULT), 0))
+        .where(Attribution.tenant_id == tenant_id, Attribution.status.in_(HOLDING_RESULTS)))
+    return int(models) + parts + int(datasets) + int(results) + int(attributions)
 
 
 def storage_left(session: Session, settings: Settings, tenant_id: str) -> int | None:

@@ -8,20 +8,21 @@ import math
 import uuid
 from typing import Annotated
 
-from fastapi import APIRouter, Header, Query, Response
+from fastapi import APIRouter, File, Form, Header, Query, Response, UploadFile
 from fastapi.responses import StreamingResponse
 from sqlalchemy.exc import InvalidRequestError
 
 from app.artifacts.router import IdempotencyKey
 from app.auth import idempotency
 
-from app.core.deps import SessionDep, StoreDep, TenantDep
+from app.core.deps import SessionDep, SettingsDep, StoreDep, TenantDep
 from app.core.errors import PROBLEM_RESPONSES, QUOTA_RESPONSES, not_found
 from app.core.pagination import decode_cursor, encode_cursor
 from app.influence.registry import available_methods
 
-from . import repository, service
-from .schemas import AuditCreate, AuditList, AuditOut, FlagOut, FlagPage, MethodsOut, ScoreOut, ScorePage
+from . import attributions, repository, service
+from .schemas import (AttributionOut, AuditCreate, AuditList, AuditOut, FlagOut, FlagPage, InfluentialExample,
+                      MethodsOut, QueryAttribution, QueryPage, ScoreOut, ScorePage)
 
 router = APIRouter(prefix="/v1", responses=PROBLEM_RESPONSES)
 RESULT_RESPONSES = {409: PROBLEM_RESPONSES[400] | {"description": "The audit has not succeeded"}}
@@ -149,3 +150,65 @@ def list_scores(audit_id: uuid.UUID, session: SessionDep, store: StoreDep, tenan
     items = [ScoreOut(**{k: (_finite(v) if isinstance(v, float) else v) for k, v in zip(columns, row(i))})
              for i in range(start, stop)]
     return ScorePage(items=items, next_cursor=encode_cursor("index", stop) if stop < n else None)
+
+
+# ------------------------------------------------------------------------------ attributions
+ATTRIBUTION_RESPONSES = {409: PROBLEM_RESPONSES[400] | {"description": "The audit (or attribution) has not succeeded"}}
+
+
+@router.post("/audits/{audit_id}/attributions", status_code=202, response_model=AttributionOut, tags=["attributions"],
+             responses=ATTRIBUTION_RESPONSES | QUOTA_RESPONSES,
+             summary="Which training examples made the model predict each query example (uses the audit's stored "
+                     "curvature; poll the Location)")
+def create_attribution(
+    audit_id: uuid.UUID, session: SessionDep, store: StoreDep, settings: SettingsDep, tenant: TenantDep,
+    response: Response,
+    file: Annotated[UploadFile, File(description=(
+        "The query examples, in the dataset formats (.npz with `inputs` or one array per model input, and "
+        "`labels`; .csv / .parquet with a `label` column): each query's label is the prediction explained"))],
+    top_k: Annotated[int, Form(ge=1, le=100, description="Helpful and harmful training examples kept per query")] = 10,
+):
+    audit = _audit_or_404(session, tenant, audit_id)
+    row = attributions.create_attribution(session=session, store=store, settings=settings, tenant_id=tenant,
+                                          audit=audit, source=file.file, filename=file.filename or "", top_k=top_k)
+    attributions.enqueue(session, row.id)
+    session.refresh(row)
+    response.headers["Location"] = f"/v1/attributions/{row.id}"
+    response.headers["Retry-After"] = "2"
+    return row
+
+
+def _attribution_or_404(session, tenant, attribution_id):
+    row = attributions.get_attribution(session, tenant, attribution_id)
+    if row is None:
+        raise not_found("attribution", attribution_id)
+    return row
+
+
+@router.get("/attributions/{attribution_id}", response_model=AttributionOut, tags=["attributions"])
+def get_attribution(attribution_id: uuid.UUID, session: SessionDep, tenant: TenantDep, response: Response):
+    row = _attribution_or_404(session, tenant, attribution_id)
+    if row.status in ("queued", "running"):
+        response.headers["Retry-After"] = "2"
+    return row
+
+
+@router.get("/attributions/{attribution_id}/queries", response_model=QueryPage, tags=["attributions"],
+            responses=ATTRIBUTION_RESPONSES,
+            summary="Per query example, its most helpful and most harmful training examples (in query order)")
+def list_attribution_queries(attribution_id: uuid.UUID, session: SessionDep, store: StoreDep, tenant: TenantDep,
+                             limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+                             cursor: Annotated[str | None, Query(max_length=200)] = None):
+    row = _attribution_or_404(session, tenant, attribution_id)
+    attributions.require_succeeded(row)
+    start = decode_cursor(cursor, "query")
+    results = attributions.load_results(store, row)
+    stop = min(start + limit, row.num_queries)
+
+    def ranked(indices, scores, q):
+        return [InfluentialExample(index=int(i), score=float(v)) for i, v in zip(indices[q], scores[q])]
+
+    items = [QueryAttribution(query_index=q, helpful=ranked(results["helpful"], results["helpful_scores"], q),
+                              harmful=ranked(results["harmful"], results["harmful_scores"], q))
+             for q in range(start, stop)]
+    return QueryPage(items=items, next_cursor=encode_cursor("query", stop) if stop < row.num_queries else None)

@@ -115,3 +115,43 @@ class ScorePage(BaseModel):
 class MethodsOut(BaseModel):
     methods: list[str]
     default: str
+
+
+class AttributionOut(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    id: uuid.UUID
+    audit_id: uuid.UUID
+    status: AuditStatus
+    progress: float
+    stage: str | None
+    error: str | None
+    top_k: int
+    num_queries: int
+    attempts: int
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+
+    @field_validator("created_at", "started_at", "finished_at", mode="after")
+    @classmethod
+    def _utc(cls, value):
+        return as_utc(value)
+
+
+class InfluentialExample(BaseModel):
+    index: int = Field(description="Position of the training example in the audit's dataset")
+    score: float = Field(description=(
+        "g_train^T (G + damping I)^-1 g_query: the first-order fall of the query's loss when the training "
+        "example is upweighted (positive: it helped the query's label; negative: it pulled against it)"))
+
+
+class QueryAttribution(BaseModel):
+    query_index: int = Field(description="Position of the example in the uploaded query set")
+    helpful: list[InfluentialExample] = Field(description="largest score first")
+    harmful: list[InfluentialExample] = Field(description="most negative score first")
+
+
+class QueryPage(BaseModel):
+    items: list[QueryAttribution]
+    next_cursor: str | None

@@ -25,7 +25,7 @@ from app.influence.registry import ESTIMATORS, available_methods
 
 from .quota import audit_result_bytes, quota_exceeded, storage_left
 from .schemas import TERMINAL, AuditCreate
-from .tables import Audit, AuditFlag
+from .tables import Attribution, Audit, AuditFlag
 
 # part of every curvature key: a change to what a stored fit holds makes old fits unused, not misread
 CURVATURE_FORMAT = "pbrf-audit blockwise curvature v1"
@@ -162,13 +162,24 @@ def delete_audit(session: Session, audit: Audit) -> None:
     collection once nothing refers to it). A queued or running audit must be cancelled first."""
     if audit.status in ACTIVE:
         raise ProblemError(409, "audit-active", f"the audit is {audit.status}; cancel it before deleting it")
+    _refuse_active_attributions(session, [audit.id])
     # compare-and-set: an audit that a racing request re-queued is not deleted under it
+    session.execute(delete(Attribution).where(Attribution.audit_id == audit.id))
     session.execute(delete(AuditFlag).where(AuditFlag.audit_id == audit.id))
     done = session.execute(delete(Audit).where(Audit.id == audit.id, Audit.status.not_in(ACTIVE)))
     if done.rowcount != 1:
         session.rollback()
         raise ProblemError(409, "audit-active", "the audit is queued or running; cancel it before deleting it")
     session.commit()
+
+
+def _refuse_active_attributions(session: Session, audit_ids) -> None:
+    """An attribution still queued or running needs its audit's curvature, model and dataset."""
+    active = session.scalars(select(Attribution.id).where(Attribution.audit_id.in_(list(audit_ids)),
+                                                          Attribution.status.in_(ACTIVE)).limit(1)).first()
+    if active is not None:
+        raise ProblemError(409, "attribution-active", f"attribution {active} is queued or running on this audit's "
+                           "results; wait for it to finish before deleting")
 
 
 def delete_input(session: Session, tenant_id: str, row, kind: str) -> None:
@@ -182,6 +193,8 @@ def delete_input(session: Session, tenant_id: str, row, kind: str) -> None:
                            "cancel it or wait for it to finish before deleting")
     finished = session.scalars(uses).all()
     if finished:
+        _refuse_active_attributions(session, finished)
+        session.execute(delete(Attribution).where(Attribution.audit_id.in_(finished)))
         session.execute(delete(AuditFlag).where(AuditFlag.audit_id.in_(finished)))
         session.execute(delete(Audit).where(Audit.id.in_(finished)))
     session.delete(row)
@@ -198,6 +211,8 @@ def referenced_digests(session: Session) -> set[str]:
     digests |= set(session.scalars(select(DatasetArtifact.sha256)))
     digests |= set(session.scalars(select(Audit.scores_sha256).where(Audit.scores_sha256.is_not(None))))
     digests |= set(session.scalars(select(Audit.curvature_sha256).where(Audit.curvature_sha256.is_not(None))))
+    digests |= set(session.scalars(select(Attribution.query_sha256)))
+    digests |= set(session.scalars(select(Attribution.results_sha256).where(Attribution.results_sha256.is_not(None))))
     return digests
 
 

@@ -58,3 +58,33 @@ class AuditFlag(Base):
     suggested_label: Mapped[int | None] = mapped_column(Integer)
     suggested_label_probability: Mapped[float | None] = mapped_column(Float)
     out_of_sample_given_probability: Mapped[float | None] = mapped_column(Float)
+
+
+class Attribution(Base):
+    """Train-to-query attribution over a succeeded audit's stored curvature: a job with the same
+    lifecycle columns as an audit (queued -> running -> succeeded | failed | cancelled, claimed with a
+    token, heartbeating), whose results are a file in the store."""
+
+    __tablename__ = "attribution"
+
+    id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=uuid.uuid4)
+    tenant_id: Mapped[str] = mapped_column(String(64), index=True)
+    audit_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("audit.id", ondelete="CASCADE"), index=True)
+    status: Mapped[str] = mapped_column(String(16), index=True)
+    progress: Mapped[float] = mapped_column(Float, default=0.0)
+    stage: Mapped[str | None] = mapped_column(String(64))
+    error: Mapped[str | None] = mapped_column(Text)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    claim_token: Mapped[str | None] = mapped_column(String(64))
+    worker: Mapped[str | None] = mapped_column(String(255))
+    heartbeat_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    enqueued_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+    started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    top_k: Mapped[int] = mapped_column(Integer)
+    num_queries: Mapped[int] = mapped_column(Integer)
+    query_format: Mapped[str] = mapped_column(String(16))
+    query_sha256: Mapped[str] = mapped_column(String(64))
+    query_size_bytes: Mapped[int] = mapped_column(Integer)
+    results_sha256: Mapped[str | None] = mapped_column(String(64))
