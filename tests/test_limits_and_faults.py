@@ -9,6 +9,7 @@ import subprocess
 import time
 import uuid
 
+import httpx
 import numpy as np
 import psycopg
 import pytest
@@ -167,13 +168,16 @@ def test_a_tenant_storage_quota_refuses_what_would_not_fit_and_deletes_free_it(k
     file, 160 per flag row): past PBRF_TENANT_STORAGE_BYTES an upload gets 413 and an audit 422
     `storage-quota-exceeded`, nothing is stored, and deleting an audit frees its share."""
     pg = request.getfixturevalue("postgres_url") if kind == "postgres_redis" else None
-    svc = Service(_service_env(kind, pg) | {"PBRF_TENANT_STORAGE_BYTES": "40000"}, tmp_path / "quota")
+    # a tenant of its own: the PostgreSQL database is shared with the session's other services
+    tenant, secret = f"quota-{uuid.uuid4().hex[:8]}", uuid.uuid4().hex
+    svc = Service(_service_env(kind, pg) | {"PBRF_TENANT_STORAGE_BYTES": "40000", "PBRF_API_KEYS": f"{tenant}:{secret}"},
+                  tmp_path / "quota")
     svc.start()
     try:
         inputs, labels = synthetic_classification(n=100, features=4, classes=3, seed=2)
         path = export_onnx(quick_mlp(inputs, labels, hidden=4, epochs=1), torch.from_numpy(inputs[:2]), tmp_path / "m.onnx")
         big_inputs, big_labels = synthetic_classification(n=2000, features=4, classes=3, seed=3)
-        with svc.client() as client:
+        with httpx.Client(base_url=svc.url, headers={"Authorization": f"Bearer {secret}"}, timeout=60) as client:
             model = upload_model(client, path).json()
             dataset = upload_dataset(client, npz_bytes(inputs=inputs, labels=labels)).json()
             job = {"model_id": model["id"], "dataset_id": dataset["id"], "method": "identity"}
@@ -181,6 +185,7 @@ def test_a_tenant_storage_quota_refuses_what_would_not_fit_and_deletes_free_it(k
             assert first["status"] == "succeeded"  # uses about 4 kB + 100 x 256 bytes of the 40 kB
 
             files = sorted(p.name for p in (svc.data_dir / "artifacts").rglob("*") if p.is_file())
+            assert files  # this service's own store (the database is shared, the store is not)
             body = assert_problem(upload_dataset(client, npz_bytes(inputs=big_inputs, labels=big_labels)), 413,
                                   "storage-quota-exceeded")
             assert "PBRF_TENANT_STORAGE_BYTES" in body["detail"]
