@@ -173,3 +173,50 @@ def test_delete_refuses_what_is_in_use_and_removes_the_rest_with_its_stored_byte
         assert (store / kept[:2] / kept).exists()
         part = with_parts["external_data"][0]["sha256"]
         assert (store / part[:2] / part).exists()
+
+
+def _slow_forward_model(path, convolutions: int = 40):
+    """A valid ONNX model (740k weights) whose forward pass over a batch of 256 64x64 images takes tens of
+    seconds (one 3x3 64-channel kernel applied 40 times) while two examples pass validation quickly:
+    the shape of a time bomb that cooperative cancellation at batch boundaries cannot stop."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    weights = [numpy_helper.from_array((rng.standard_normal((64, 4, 3, 3)) * 0.1).astype(np.float32), "K0"),
+               numpy_helper.from_array((rng.standard_normal((64, 64, 3, 3)) * 0.02).astype(np.float32), "K"),
+               numpy_helper.from_array(rng.standard_normal((3, 64)).astype(np.float32), "W")]
+    nodes, current = [helper.make_node("Conv", ["x", "K0"], ["c"], pads=[1, 1, 1, 1])], "c"
+    for i in range(convolutions):
+        nodes.append(helper.make_node("Conv", [current, "K"], [f"c{i}"], pads=[1, 1, 1, 1]))
+        current = f"c{i}"
+    nodes += [helper.make_node("GlobalAveragePool", [current], ["pooled"]),
+              helper.make_node("Flatten", ["pooled"], ["flat"]), helper.make_node("Gemm", ["flat", "W"], ["y"], transB=1)]
+    graph = helper.make_graph(nodes, "bomb", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4, 64, 64])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 3])], weights)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    return path
+
+
+def test_cancel_stops_an_audit_inside_one_long_forward_pass(fast_reaper_service, slow_job, tmp_path):
+    """Each attempt runs in a child process that the worker kills on cancel: a model whose single forward
+    pass takes tens of seconds no longer holds the worker until its batch ends; the next audit (another
+    tenant's, say) starts within seconds."""
+    path = _slow_forward_model(tmp_path / "bomb.onnx")
+    rng = np.random.default_rng(0)
+    images = rng.standard_normal((256, 4, 64, 64)).astype(np.float32)
+    with fast_reaper_service.client() as client:
+        model = upload_model(client, path).json()
+        dataset = upload_dataset(client, npz_bytes(inputs=images, labels=rng.integers(0, 3, 256))).json()
+        bomb = client.post("/v1/audits", json={"model_id": model["id"], "dataset_id": dataset["id"],
+                                               "method": "identity", "batch_size": 256}).json()
+        _wait_running(client, bomb["id"], min_progress=0.0)
+        time.sleep(2)  # inside the first forward pass by now
+        assert client.post(f"/v1/audits/{bomb['id']}/cancel").json()["status"] == "cancelled"
+        cancelled_at = time.monotonic()
+        quick = client.post("/v1/audits", json=slow_job | {"method": "identity", "batch_size": 512}).json()
+        final, _ = wait_for_audit(client, quick["id"], timeout=120)
+        assert final["status"] == "succeeded"
+        # the bomb's forward alone takes well over 20 s on this machine; its batch would end later still
+        assert time.monotonic() - cancelled_at < 20, "the worker finished the cancelled audit's batch first"
+        assert client.get(f"/v1/audits/{bomb['id']}").json()["status"] == "cancelled"

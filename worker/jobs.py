@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import logging
 import os
+import signal
 import socket
 import threading
 import time
@@ -185,6 +186,91 @@ def _extras_of(result, i: int) -> dict:
             "out_of_sample_given_probability": float(extras["out_of_sample_given_probability"][i])}
 
 
+ATTEMPT_EXIT_CODES = {"succeeded": 0, "failed": 3, "lost": 4}
+
+
+def _die_with_parent() -> None:
+    """Linux: the kernel kills this process when its parent dies (PR_SET_PDEATHSIG), so that an attempt
+    never outlives the worker process that watches it."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG = 1
+    except Exception:  # not Linux: the attempt's own heartbeat and token checks still stop it
+        pass
+
+
+def _confined(table, job_id: uuid.UUID, token: str, settings: Settings, factory: sessionmaker, attempt) -> str:
+    """Run `attempt()` (loading the model, the engine, writing the results; returns a status) in a child
+    forked for this attempt, while this process heartbeats and watches. A cancel (or another attempt
+    taking the job) or the wall-clock limit PBRF_TASK_SOFT_TIME_LIMIT kills the child at once, even in
+    the middle of one long forward pass of a hostile model, and the worker is free for the next job. A
+    child that dies on its own (the kernel's OOM killer, a crash in native code) puts the job back for
+    another attempt, or fails it after MAX_ATTEMPTS. The model's memory and GPU state go with the child.
+
+    Forked before this process starts any thread or touches torch's thread pools (it never computes):
+    the child starts clean."""
+    started = time.monotonic()
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            _die_with_parent()
+            factory.kw["bind"].dispose(close=False)  # the parent's pooled connections stay the parent's
+            code = ATTEMPT_EXIT_CODES.get(attempt(), 1)
+        except BaseException:
+            traceback.print_exc()
+        finally:
+            os._exit(code)
+    kind = table.__tablename__
+    reason = None
+    with Heartbeat(factory, job_id, token, settings.heartbeat_seconds, table=table) as heartbeat:
+        try:
+            while True:
+                done, status = os.waitpid(pid, os.WNOHANG)
+                if done:
+                    break
+                if heartbeat.lost.is_set():
+                    reason = "lost"
+                elif time.monotonic() - started > settings.task_soft_time_limit:
+                    reason = "time limit"
+                if reason:
+                    os.kill(pid, signal.SIGKILL)
+                    _, status = os.waitpid(pid, 0)
+                    break
+                time.sleep(0.1)
+        except BaseException as exc:  # Celery's own time limit, or a worker shutdown: the child goes too
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            if type(exc).__name__ != "SoftTimeLimitExceeded":
+                raise
+            reason = "time limit"
+    if reason == "lost":
+        log.info("%s %s was cancelled or re-claimed; its process was stopped", kind, job_id)
+        return "lost"
+    if reason == "time limit":
+        _fail(factory, job_id, token, f"the {kind} exceeded its time limit of {settings.task_soft_time_limit} s "
+              "(PBRF_TASK_SOFT_TIME_LIMIT)", table)
+        return "failed"
+    code = os.waitstatus_to_exitcode(status)
+    for name, value in ATTEMPT_EXIT_CODES.items():
+        if code == value:
+            return name
+    # died without saying how: requeue this attempt (the reaper re-sends it), or fail after the last
+    cause = f"signal {-code}" if code < 0 else f"exit code {code}"
+    with factory() as session:
+        attempts = session.scalar(select(table.attempts).where(table.id == job_id)) or MAX_ATTEMPTS
+        values = ({"status": "queued", "claim_token": None, "enqueued_at": None,
+                   "stage": f"requeued after its process died ({cause})"} if attempts < MAX_ATTEMPTS else
+                  {"status": "failed", "finished_at": utcnow(), "stage": "failed",
+                   "error": f"the process running this {kind} died {attempts} times ({cause}: out of memory, or a "
+                            "crash in the model's native code)"})
+        session.execute(update(table).where(_owned(job_id, token, table)).values(**values))
+        session.commit()
+    log.warning("%s %s: its process died (%s)", kind, job_id, cause)
+    return "died"
+
+
 def _stored_curvature(factory: sessionmaker, store: ArtifactStore, tenant: str, key: str | None):
     """((sha256, FittedCurvature), audit id) of the latest succeeded audit with this curvature key whose
     file is still stored, or (None, None): then the audit fits its own."""
@@ -205,13 +291,21 @@ def _stored_curvature(factory: sessionmaker, store: ArtifactStore, tenant: str, 
 
 
 def run_audit_job(audit_id: uuid.UUID, settings: Settings, factory: sessionmaker, worker_name: str | None = None) -> str:
-    """Run one audit if it can be claimed. Returns the final status seen by this attempt."""
+    """Run one audit if it can be claimed, in a child process this one can stop (see _confined).
+    Returns the final status seen by this attempt."""
     worker_name = worker_name or f"{socket.gethostname()}:{os.getpid()}"
     with factory() as session:
         token = claim(session, audit_id, worker_name, settings.stale_after_seconds)
-        if token is None:
-            log.info("audit %s not claimable (already taken, finished or cancelled)", audit_id)
-            return "skipped"
+    if token is None:
+        log.info("audit %s not claimable (already taken, finished or cancelled)", audit_id)
+        return "skipped"
+    return _confined(Audit, audit_id, token, settings, factory,
+                     lambda: _audit_attempt(audit_id, token, settings, factory))
+
+
+def _audit_attempt(audit_id: uuid.UUID, token: str, settings: Settings, factory: sessionmaker) -> str:
+    """One claimed attempt at an audit: load, run the engine, write the results once."""
+    with factory() as session:
         audit = session.get(Audit, audit_id)
         model_row = session.get(ModelArtifact, audit.model_id)
         dataset_row = session.get(DatasetArtifact, audit.dataset_id)
@@ -300,8 +394,14 @@ def run_attribution_job(attribution_id: uuid.UUID, settings: Settings, factory: 
     worker_name = worker_name or f"{socket.gethostname()}:{os.getpid()}"
     with factory() as session:
         token = claim(session, attribution_id, worker_name, settings.stale_after_seconds, table=Attribution)
-        if token is None:
-            return "skipped"
+    if token is None:
+        return "skipped"
+    return _confined(Attribution, attribution_id, token, settings, factory,
+                     lambda: _attribution_attempt(attribution_id, token, settings, factory))
+
+
+def _attribution_attempt(attribution_id: uuid.UUID, token: str, settings: Settings, factory: sessionmaker) -> str:
+    with factory() as session:
         row = session.get(Attribution, attribution_id)
         audit = session.get(Audit, row.audit_id)
         model_row = session.get(ModelArtifact, audit.model_id)

@@ -56,9 +56,10 @@ class Settings(BaseSettings):
     reaper_interval_seconds: float = 30.0
     garbage_grace_seconds: float = Field(
         3600.0, description="Stored files no row refers to (after a DELETE) are removed once this old.")
-    task_soft_time_limit: int = 6 * 3600
-    task_time_limit: int = 6 * 3600 + 300
-    broker_visibility_timeout: int = 7 * 3600
+    # one audit's (or attribution's) wall-clock limit: the worker kills its process when it is reached
+    task_soft_time_limit: int = 3 * 3600
+    task_time_limit: int = 3 * 3600 + 300
+    broker_visibility_timeout: int = 4 * 3600
 
     @model_validator(mode="after")
     def _defaults(self) -> Settings:
