@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import struct
+from pathlib import Path
 
 import onnx
 import pytest
@@ -416,3 +417,14 @@ def test_safetensors_architecture_is_strict_and_compared_before_anything_is_buil
         assert err.value.slug == "invalid-architecture"
     loaded = load_safetensors(path, json.dumps({"type": "mlp", "input_size": 2, "num_classes": 2}))
     assert loaded.num_parameters == 6
+
+
+def test_a_tensor_size_computed_from_the_input_values_is_refused_before_anything_runs():
+    """The red team's time bomb (a Range whose length follows ReduceMax of the input) passed validation,
+    which feeds zeros and random normals; it is refused by reading the graph, naming the node. Sizes
+    that follow the input's *shape* (a dynamic batch, position ids) are fine: the architecture sweep
+    loads every exporter's graphs of them."""
+    corpus = Path(__file__).resolve().parent / "corpus" / "data-dependent-range.onnx"
+    with pytest.raises(ArtifactError) as err:
+        load_onnx(corpus)
+    assert err.value.slug == "data-dependent-shape" and "'bomb' (Range)" in err.value.detail

@@ -447,6 +447,41 @@ def _graph_input_specs(proto) -> list[dict]:
     return specs
 
 
+# Inputs of ONNX operators that set the *size* of a tensor (by position). A size computed from the
+# values of the data (rather than from the input's shape) lets one crafted example allocate without
+# bound, or run a loop for as long as it likes.
+SIZE_INPUTS = {
+    "ConstantOfShape": (0,), "Range": (0, 1, 2), "Tile": (1,), "Expand": (1,), "Reshape": (1,),
+    "Resize": (2, 3), "Upsample": (1,), "Pad": (1,), "Slice": (1, 2, 3, 4), "TopK": (1,), "OneHot": (1,),
+    "Loop": (0, 1), "If": (0,), "NonZero": (0,), "Unique": (0,), "Compress": (1,), "Split": (1,),
+    "MaxUnpool": (2,), "CenterCropPad": (1,), "Squeeze": (1,), "Unsqueeze": (1,),
+    "ReduceSum": (1,), "ReduceMean": (1,), "ReduceMax": (1,), "ReduceMin": (1,), "ReduceProd": (1,),
+    "ReduceL1": (1,), "ReduceL2": (1,), "ReduceLogSum": (1,), "ReduceLogSumExp": (1,), "ReduceSumSquare": (1,),
+}
+# operators whose outputs depend only on their inputs' shapes, never on their values
+SHAPE_ONLY = {"Shape", "Size"}
+
+
+def refuse_data_dependent_sizes(graph) -> None:
+    """Raise ArtifactError naming the first node whose output size would follow the input data's values.
+    Values flow from the graph inputs through every operator except Shape and Size (a dynamic batch
+    size is fine: it comes from the input's shape, not from what it holds)."""
+    weights = {init.name for init in graph.initializer}
+    tainted = {i.name for i in graph.input if i.name not in weights}
+    for node in graph.node:
+        positions = SIZE_INPUTS.get(node.op_type, ())
+        for position in positions:
+            if position < len(node.input) and node.input[position] in tainted:
+                name = node.name or node.output[0]
+                raise ArtifactError(
+                    "data-dependent-shape",
+                    f"node {name!r} ({node.op_type}) takes a tensor size from the values of the input data "
+                    f"(its input {position}, {node.input[position]!r}): one example could make it allocate "
+                    "or loop without bound. Export a model whose sizes depend only on the input's shape.")
+        if node.op_type not in SHAPE_ONLY and any(i in tainted for i in node.input if i):
+            tainted.update(o for o in node.output if o)
+
+
 def load_onnx(path: Path, external: dict[str, Path] | None = None) -> LoadedModel:
     """An ONNX model, with its external-data files (`external`: bare file name -> stored path) if any."""
     import onnx
@@ -465,6 +500,7 @@ def load_onnx(path: Path, external: dict[str, Path] | None = None) -> LoadedMode
     except Exception as exc:
         raise ArtifactError("invalid-onnx", f"the ONNX model failed validation: {exc}") from exc
     specs = _graph_input_specs(proto)
+    refuse_data_dependent_sizes(proto.graph)  # before anything runs: a smoke test's inputs would not trip it
     _drop_inference_batchnorm_mode(proto)
     try:
         with warnings.catch_warnings():

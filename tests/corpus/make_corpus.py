@@ -44,6 +44,30 @@ def onnx_mlp() -> bytes:
     return data
 
 
+def data_dependent_range() -> bytes:
+    """The red team's time bomb: sizes computed from the input's values (ReduceMax of the input ->
+    Relu(x - 100) * 2.5e9 -> Range), multiplied by 0 and added to the logits. Zeros and random normals
+    (what a smoke test feeds) make it harmless; one input value over 100 makes it allocate gigabytes."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    constants = [numpy_helper.from_array(np.ones((4, 3), np.float32), "W"),
+                 numpy_helper.from_array(np.array(100.0, np.float32), "threshold"),
+                 numpy_helper.from_array(np.array(2.5e9, np.float32), "scale"),
+                 numpy_helper.from_array(np.array(0.0, np.float32), "zero")]
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["logits"]),
+             helper.make_node("ReduceMax", ["x"], ["peak"], keepdims=0),
+             helper.make_node("Sub", ["peak", "threshold"], ["over"]),
+             helper.make_node("Relu", ["over"], ["excess"]),
+             helper.make_node("Mul", ["excess", "scale"], ["limit"]),
+             helper.make_node("Range", ["zero", "limit", "scale"], ["values"], name="bomb"),
+             helper.make_node("ReduceSum", ["values"], ["total"], keepdims=0),
+             helper.make_node("Mul", ["total", "zero"], ["nothing"]),
+             helper.make_node("Add", ["logits", "nothing"], ["y"])]
+    graph = helper.make_graph(nodes, "bomb", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 3])], constants)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]).SerializeToString()
+
+
 def main() -> None:
     manifest = []
 
@@ -90,6 +114,8 @@ def main() -> None:
                 f.write(b"\0" * 200_000)
         with archive.open("labels.npy", "w") as f:
             np.lib.format.write_array(f, np.zeros(1024, np.int64))
+    add("data-dependent-range.onnx", "model", data_dependent_range(), 422, "data-dependent-shape",
+        "a Range whose length is computed from the input's values (harmless on zeros, gigabytes on a value over 100)")
     add("int8-widening.npz", "dataset", widening.getvalue(), 413, "dataset-too-large",
         "205 MB of int8 ids in a ~200 KB .npz, under the raw-size guard; as int64 they would take 1.6 GB")
     add("labels-only.npz", "dataset", npz(labels=np.zeros(3, np.int64)), 422, "invalid-npz",
