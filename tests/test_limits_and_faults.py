@@ -199,3 +199,26 @@ def test_a_tenant_storage_quota_refuses_what_would_not_fit_and_deletes_free_it(k
             assert second["status"] == "succeeded"
     finally:
         svc.stop()
+
+
+def test_an_audit_past_the_worker_memory_budget_fails_readably(tmp_path):
+    """A 1 kB model whose forward pass materialises 2.4 GB passes validation (under its 8 GiB limit) and
+    its creation-time estimate (its parameters are few); the audit's process runs under the worker
+    budget (RLIMIT_DATA on a CPU worker) and fails saying so instead of taking the memory."""
+    from tests.test_bad_inputs import _memory_hog
+
+    svc = Service(_service_env("embedded", None) | {"PBRF_WORKER_MEMORY_BYTES": str(256 * 1024**2)}, tmp_path / "mem")
+    svc.start()
+    try:
+        inputs, labels = synthetic_classification(n=20, features=4, classes=3)
+        with svc.client() as client:
+            model = upload_model(client, _memory_hog(tmp_path / "hog.onnx", 600_000_000)).json()
+            dataset = upload_dataset(client, npz_bytes(inputs=inputs, labels=labels)).json()
+            audit = client.post("/v1/audits", json={"model_id": model["id"], "dataset_id": dataset["id"],
+                                                    "method": "identity"})
+            assert audit.status_code == 202, audit.text
+            final, _ = wait_for_audit(client, audit.json()["id"], timeout=120)
+            assert final["status"] == "failed" and "PBRF_WORKER_MEMORY_BYTES" in final["error"], final["error"]
+            assert final["attempts"] == 1
+    finally:
+        svc.stop()

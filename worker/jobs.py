@@ -200,6 +200,34 @@ def _die_with_parent() -> None:
         pass
 
 
+# What the worker's imports (torch, onnx2pytorch, the service) take of the data segment before any job.
+IMPORTS_DATA_BYTES = 1536 * 1024**2
+
+
+def _limit_memory(settings: Settings) -> None:
+    """In the attempt's process on a CPU worker: RLIMIT_DATA at the worker memory budget (beyond the
+    imports), so that a model whose activations are larger than its parameters suggest fails its audit
+    readably instead of taking the machine's memory. Not on a GPU worker: the CUDA runtime maps memory
+    in ways a data-segment limit would break."""
+    import resource
+
+    if torch.cuda.is_available():
+        return
+    limit = IMPORTS_DATA_BYTES + settings.worker_memory_bytes
+    resource.setrlimit(resource.RLIMIT_DATA, (limit, resource.getrlimit(resource.RLIMIT_DATA)[1]))
+
+
+def _out_of_memory(exc: BaseException | str) -> bool:
+    """An allocation refused (by the budget's limit, or by the machine), however it surfaced."""
+    return isinstance(exc, MemoryError) or "can't allocate memory" in str(exc) or "Cannot allocate memory" in str(exc)
+
+
+def _memory_text(kind: str, settings: Settings) -> str:
+    return (f"the {kind} needed more memory than the worker's budget of {settings.worker_memory_bytes / 1024**3:.1f} "
+            "GiB (PBRF_WORKER_MEMORY_BYTES): the model's activations over one batch are larger than its size "
+            "suggests; a smaller batch_size may fit")
+
+
 def _confined(table, job_id: uuid.UUID, token: str, settings: Settings, factory: sessionmaker, attempt) -> str:
     """Run `attempt()` (loading the model, the engine, writing the results; returns a status) in a child
     forked for this attempt, while this process heartbeats and watches. A cancel (or another attempt
@@ -217,6 +245,7 @@ def _confined(table, job_id: uuid.UUID, token: str, settings: Settings, factory:
         try:
             _die_with_parent()
             factory.kw["bind"].dispose(close=False)  # the parent's pooled connections stay the parent's
+            _limit_memory(settings)
             code = ATTEMPT_EXIT_CODES.get(attempt(), 1)
         except BaseException:
             traceback.print_exc()
@@ -376,11 +405,15 @@ def _audit_attempt(audit_id: uuid.UUID, token: str, settings: Settings, factory:
         log.info("audit %s was cancelled or re-claimed; attempt %s stops", audit_id, token)
         return "lost"
     except (EngineError, loaders.ArtifactError) as exc:
-        _fail(factory, audit_id, token, str(getattr(exc, "detail", exc)))
+        message = str(getattr(exc, "detail", exc))
+        _fail(factory, audit_id, token, _memory_text("audit", settings) if _out_of_memory(message) else message)
         return "failed"
     except Exception as exc:
         if type(exc).__name__ == "SoftTimeLimitExceeded":
             _fail(factory, audit_id, token, f"the audit exceeded its time limit of {settings.task_soft_time_limit} s")
+            return "failed"
+        if _out_of_memory(exc):
+            _fail(factory, audit_id, token, _memory_text("audit", settings))
             return "failed"
         log.error("audit %s crashed:\n%s", audit_id, traceback.format_exc())
         _fail(factory, audit_id, token, f"internal error while running the audit ({type(exc).__name__}: {exc})")
@@ -440,12 +473,17 @@ def _attribution_attempt(attribution_id: uuid.UUID, token: str, settings: Settin
     except JobLost:
         return "lost"
     except (EngineError, loaders.ArtifactError) as exc:
-        _fail(factory, attribution_id, token, str(getattr(exc, "detail", exc)), Attribution)
+        message = str(getattr(exc, "detail", exc))
+        _fail(factory, attribution_id, token,
+              _memory_text("attribution", settings) if _out_of_memory(message) else message, Attribution)
         return "failed"
     except Exception as exc:
         if type(exc).__name__ == "SoftTimeLimitExceeded":
             _fail(factory, attribution_id, token,
                   f"the attribution exceeded its time limit of {settings.task_soft_time_limit} s", Attribution)
+            return "failed"
+        if _out_of_memory(exc):
+            _fail(factory, attribution_id, token, _memory_text("attribution", settings), Attribution)
             return "failed"
         log.error("attribution %s crashed:\n%s", attribution_id, traceback.format_exc())
         _fail(factory, attribution_id, token, f"internal error while attributing ({type(exc).__name__}: {exc})",
