@@ -222,6 +222,24 @@ def _out_of_memory(exc: BaseException | str) -> bool:
     return isinstance(exc, MemoryError) or "can't allocate memory" in str(exc) or "Cannot allocate memory" in str(exc)
 
 
+def _failed(exc: Exception, table, job_id: uuid.UUID, token: str, settings: Settings, factory: sessionmaker) -> str:
+    """Fail an attempt with a message its owner can act on: the engine's or loader's own words, the
+    memory budget or time limit it ran into, or an internal error (logged with its traceback)."""
+    kind = table.__tablename__
+    if isinstance(exc, (EngineError, loaders.ArtifactError)):
+        message = str(getattr(exc, "detail", exc))
+        message = _memory_text(kind, settings) if _out_of_memory(message) else message
+    elif type(exc).__name__ == "SoftTimeLimitExceeded":
+        message = f"the {kind} exceeded its time limit of {settings.task_soft_time_limit} s"
+    elif _out_of_memory(exc):
+        message = _memory_text(kind, settings)
+    else:
+        log.error("%s %s crashed:\n%s", kind, job_id, traceback.format_exc())
+        message = f"internal error while running the {kind} ({type(exc).__name__}: {exc})"
+    _fail(factory, job_id, token, message, table)
+    return "failed"
+
+
 def _memory_text(kind: str, settings: Settings) -> str:
     return (f"the {kind} needed more memory than the worker's budget of {settings.worker_memory_bytes / 1024**3:.1f} "
             "GiB (PBRF_WORKER_MEMORY_BYTES): the model's activations over one batch are larger than its size "
@@ -404,20 +422,8 @@ def _audit_attempt(audit_id: uuid.UUID, token: str, settings: Settings, factory:
     except JobLost:
         log.info("audit %s was cancelled or re-claimed; attempt %s stops", audit_id, token)
         return "lost"
-    except (EngineError, loaders.ArtifactError) as exc:
-        message = str(getattr(exc, "detail", exc))
-        _fail(factory, audit_id, token, _memory_text("audit", settings) if _out_of_memory(message) else message)
-        return "failed"
     except Exception as exc:
-        if type(exc).__name__ == "SoftTimeLimitExceeded":
-            _fail(factory, audit_id, token, f"the audit exceeded its time limit of {settings.task_soft_time_limit} s")
-            return "failed"
-        if _out_of_memory(exc):
-            _fail(factory, audit_id, token, _memory_text("audit", settings))
-            return "failed"
-        log.error("audit %s crashed:\n%s", audit_id, traceback.format_exc())
-        _fail(factory, audit_id, token, f"internal error while running the audit ({type(exc).__name__}: {exc})")
-        return "failed"
+        return _failed(exc, Audit, audit_id, token, settings, factory)
 
 
 def run_attribution_job(attribution_id: uuid.UUID, settings: Settings, factory: sessionmaker,
@@ -472,23 +478,8 @@ def _attribution_attempt(attribution_id: uuid.UUID, token: str, settings: Settin
         return "succeeded"
     except JobLost:
         return "lost"
-    except (EngineError, loaders.ArtifactError) as exc:
-        message = str(getattr(exc, "detail", exc))
-        _fail(factory, attribution_id, token,
-              _memory_text("attribution", settings) if _out_of_memory(message) else message, Attribution)
-        return "failed"
     except Exception as exc:
-        if type(exc).__name__ == "SoftTimeLimitExceeded":
-            _fail(factory, attribution_id, token,
-                  f"the attribution exceeded its time limit of {settings.task_soft_time_limit} s", Attribution)
-            return "failed"
-        if _out_of_memory(exc):
-            _fail(factory, attribution_id, token, _memory_text("attribution", settings), Attribution)
-            return "failed"
-        log.error("attribution %s crashed:\n%s", attribution_id, traceback.format_exc())
-        _fail(factory, attribution_id, token, f"internal error while attributing ({type(exc).__name__}: {exc})",
-              Attribution)
-        return "failed"
+        return _failed(exc, Attribution, attribution_id, token, settings, factory)
 
 
 def reap(factory: sessionmaker, settings: Settings, send, table=Audit) -> list[uuid.UUID]:

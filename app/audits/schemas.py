@@ -45,7 +45,9 @@ class AuditCreate(BaseModel):
         return value
 
 
-class AuditOut(BaseModel):
+class _JobOut(BaseModel):
+    """What every job (audit, attribution) reports of its life, timestamps in UTC."""
+
     model_config = ConfigDict(from_attributes=True, protected_namespaces=())
 
     id: uuid.UUID
@@ -53,23 +55,27 @@ class AuditOut(BaseModel):
     progress: float
     stage: str | None
     error: str | None
+    attempts: int
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+
+    @field_validator("created_at", "started_at", "finished_at", mode="after")
+    @classmethod
+    def _utc(cls, value):
+        return as_utc(value)
+
+
+class AuditOut(_JobOut):
+
     method: str
     damping: float | None = Field(description="The damping used (the requested one until the run computes it)")
     damping_requested: float | None
     model_id: uuid.UUID
     dataset_id: uuid.UUID
     params: dict
-    attempts: int
     worker: str | None = Field(None, description="host:pid of the worker process on the latest attempt")
-    created_at: datetime
-    started_at: datetime | None
-    finished_at: datetime | None
     summary: dict | None
-
-    @field_validator("created_at", "started_at", "finished_at", mode="after")
-    @classmethod
-    def _utc(cls, value):
-        return as_utc(value)
 
 
 class AuditList(BaseModel):
@@ -117,26 +123,10 @@ class MethodsOut(BaseModel):
     default: str
 
 
-class AttributionOut(BaseModel):
-    model_config = ConfigDict(from_attributes=True)
-
-    id: uuid.UUID
+class AttributionOut(_JobOut):
     audit_id: uuid.UUID
-    status: AuditStatus
-    progress: float
-    stage: str | None
-    error: str | None
     top_k: int
     num_queries: int
-    attempts: int
-    created_at: datetime
-    started_at: datetime | None
-    finished_at: datetime | None
-
-    @field_validator("created_at", "started_at", "finished_at", mode="after")
-    @classmethod
-    def _utc(cls, value):
-        return as_utc(value)
 
 
 class InfluentialExample(BaseModel):

@@ -11,18 +11,14 @@ from sqlalchemy.orm import Mapped, mapped_column
 from app.core.db import Base
 
 
-class Audit(Base):
-    __tablename__ = "audit"
+class JobLifecycle:
+    """The columns of a job's life, shared by audits and attributions (worker/jobs.py drives both):
+    queued -> running -> succeeded | failed | cancelled; a claim stamps a token that every later write
+    of the attempt must match; the heartbeat shows the attempt is alive."""
 
     id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=uuid.uuid4)
     tenant_id: Mapped[str] = mapped_column(String(64), index=True)
-    model_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("model.id"))
-    dataset_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("dataset.id"))
     status: Mapped[str] = mapped_column(String(16), index=True)  # queued|running|succeeded|failed|cancelled
-    method: Mapped[str] = mapped_column(String(32))
-    damping_requested: Mapped[float | None] = mapped_column(Float)
-    damping: Mapped[float | None] = mapped_column(Float)  # the value actually used
-    params: Mapped[dict] = mapped_column(JSON)
     progress: Mapped[float] = mapped_column(Float, default=0.0)
     stage: Mapped[str | None] = mapped_column(String(64))
     error: Mapped[str | None] = mapped_column(Text)
@@ -34,6 +30,17 @@ class Audit(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
     started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class Audit(JobLifecycle, Base):
+    __tablename__ = "audit"
+
+    model_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("model.id"))
+    dataset_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("dataset.id"))
+    method: Mapped[str] = mapped_column(String(32))
+    damping_requested: Mapped[float | None] = mapped_column(Float)
+    damping: Mapped[float | None] = mapped_column(Float)  # the value actually used
+    params: Mapped[dict] = mapped_column(JSON)
     summary: Mapped[dict | None] = mapped_column(JSON)
     scores_sha256: Mapped[str | None] = mapped_column(String(64))
     # the fitted curvature (safetensors in the store) and what identifies it: a later audit with the
@@ -60,28 +67,13 @@ class AuditFlag(Base):
     out_of_sample_given_probability: Mapped[float | None] = mapped_column(Float)
 
 
-class Attribution(Base):
-    """Train-to-query attribution over a succeeded audit's stored curvature: a job with the same
-    lifecycle columns as an audit (queued -> running -> succeeded | failed | cancelled, claimed with a
-    token, heartbeating), whose results are a file in the store."""
+class Attribution(JobLifecycle, Base):
+    """Train-to-query attribution over a succeeded audit's stored curvature: a job with an audit's
+    lifecycle, whose results are a file in the store."""
 
     __tablename__ = "attribution"
 
-    id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=uuid.uuid4)
-    tenant_id: Mapped[str] = mapped_column(String(64), index=True)
     audit_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("audit.id", ondelete="CASCADE"), index=True)
-    status: Mapped[str] = mapped_column(String(16), index=True)
-    progress: Mapped[float] = mapped_column(Float, default=0.0)
-    stage: Mapped[str | None] = mapped_column(String(64))
-    error: Mapped[str | None] = mapped_column(Text)
-    attempts: Mapped[int] = mapped_column(Integer, default=0)
-    claim_token: Mapped[str | None] = mapped_column(String(64))
-    worker: Mapped[str | None] = mapped_column(String(255))
-    heartbeat_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
-    enqueued_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
-    started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
-    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     top_k: Mapped[int] = mapped_column(Integer)
     num_queries: Mapped[int] = mapped_column(Integer)
     query_format: Mapped[str] = mapped_column(String(16))
