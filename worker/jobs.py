@@ -340,14 +340,29 @@ def _stored_curvature(factory: sessionmaker, store: ArtifactStore, tenant: str, 
 def run_audit_job(audit_id: uuid.UUID, settings: Settings, factory: sessionmaker, worker_name: str | None = None) -> str:
     """Run one audit if it can be claimed, in a child process this one can stop (see _confined).
     Returns the final status seen by this attempt."""
+    return _claim_and_run(Audit, audit_id, settings, factory, worker_name, _audit_attempt)
+
+
+def _claim_and_run(table, job_id: uuid.UUID, settings: Settings, factory: sessionmaker, worker_name: str | None,
+                   attempt) -> str:
+    """Claim a job; if it is ours, run attempt(job_id, token, settings, factory) confined (_confined)."""
     worker_name = worker_name or f"{socket.gethostname()}:{os.getpid()}"
     with factory() as session:
-        token = claim(session, audit_id, worker_name, settings.stale_after_seconds)
+        token = claim(session, job_id, worker_name, settings.stale_after_seconds, table=table)
     if token is None:
-        log.info("audit %s not claimable (already taken, finished or cancelled)", audit_id)
+        log.info("%s %s not claimable (already taken, finished or cancelled)", table.__tablename__, job_id)
         return "skipped"
-    return _confined(Audit, audit_id, token, settings, factory,
-                     lambda: _audit_attempt(audit_id, token, settings, factory))
+    return _confined(table, job_id, token, settings, factory, lambda: attempt(job_id, token, settings, factory))
+
+
+def _load_training_set(store: ArtifactStore, model_row: ModelArtifact, dataset_row: DatasetArtifact,
+                       settings: Settings):
+    """A job's model (converted again from its stored bytes) and training set, the inputs packed as the
+    model takes them (checked at creation from the records; checked again here on the arrays)."""
+    loaded = loaders.load_model(store.path_for(model_row.sha256), model_row.format, model_row.architecture,
+                                external_paths(store, model_row))
+    dataset = loaders.load_dataset(store.path_for(dataset_row.sha256), dataset_row.format, dataset_limits(settings))
+    return loaded, dataset, loaders.pack_inputs(dataset, loaded.inputs)
 
 
 def _audit_attempt(audit_id: uuid.UUID, token: str, settings: Settings, factory: sessionmaker) -> str:
@@ -364,12 +379,8 @@ def _audit_attempt(audit_id: uuid.UUID, token: str, settings: Settings, factory:
         with Heartbeat(factory, audit_id, token, settings.heartbeat_seconds) as heartbeat:
             progress = ProgressWriter(factory, audit_id, token, heartbeat)
             progress("loading", 0.0)
-            loaded = loaders.load_model(store.path_for(model_row.sha256), model_row.format, model_row.architecture,
-                                        external_paths(store, model_row))
+            loaded, dataset, inputs = _load_training_set(store, model_row, dataset_row, settings)
             model = loaded.module
-            dataset = loaders.load_dataset(store.path_for(dataset_row.sha256), dataset_row.format, dataset_limits(settings))
-            # checked at creation from the records; checked again on the arrays themselves
-            inputs = loaders.pack_inputs(dataset, loaded.inputs)
             config = AuditConfig(method=method, damping=damping, weight_decay=params.get("weight_decay", 0.0),
                                  batch_size=params.get("batch_size"), seed=params.get("seed", 0),
                                  fisher_samples=params.get("fisher_samples", 1),
@@ -430,13 +441,7 @@ def run_attribution_job(attribution_id: uuid.UUID, settings: Settings, factory: 
                         worker_name: str | None = None) -> str:
     """Attribute each query of an attribution to training examples with its audit's stored curvature
     (claimed, heartbeating and written once, like an audit). Returns the final status of this attempt."""
-    worker_name = worker_name or f"{socket.gethostname()}:{os.getpid()}"
-    with factory() as session:
-        token = claim(session, attribution_id, worker_name, settings.stale_after_seconds, table=Attribution)
-    if token is None:
-        return "skipped"
-    return _confined(Attribution, attribution_id, token, settings, factory,
-                     lambda: _attribution_attempt(attribution_id, token, settings, factory))
+    return _claim_and_run(Attribution, attribution_id, settings, factory, worker_name, _attribution_attempt)
 
 
 def _attribution_attempt(attribution_id: uuid.UUID, token: str, settings: Settings, factory: sessionmaker) -> str:
@@ -452,14 +457,10 @@ def _attribution_attempt(attribution_id: uuid.UUID, token: str, settings: Settin
         with Heartbeat(factory, attribution_id, token, settings.heartbeat_seconds, table=Attribution) as heartbeat:
             progress = ProgressWriter(factory, attribution_id, token, heartbeat)
             progress("loading", 0.0)
-            loaded = loaders.load_model(store.path_for(model_row.sha256), model_row.format, model_row.architecture,
-                                        external_paths(store, model_row))
-            limits = dataset_limits(settings)
-            dataset = loaders.load_dataset(store.path_for(dataset_row.sha256), dataset_row.format, limits)
-            queries = loaders.load_dataset(store.path_for(query_sha), query_format, limits)
+            loaded, dataset, inputs = _load_training_set(store, model_row, dataset_row, settings)
+            queries = loaders.load_dataset(store.path_for(query_sha), query_format, dataset_limits(settings))
             curvature = FittedCurvature.from_bytes(store.path_for(curvature_sha).read_bytes())
-            found = run_attribution(loaded.module, torch.from_numpy(loaders.pack_inputs(dataset, loaded.inputs)),
-                                    torch.from_numpy(dataset.labels),
+            found = run_attribution(loaded.module, torch.from_numpy(inputs), torch.from_numpy(dataset.labels),
                                     torch.from_numpy(loaders.pack_inputs(queries, loaded.inputs)),
                                     torch.from_numpy(queries.labels), curvature, top_k=top_k, progress=progress,
                                     batch_size=batch_size)

@@ -86,14 +86,6 @@ def get_attribution(session: Session, tenant_id: str, attribution_id: uuid.UUID)
                                                     Attribution.tenant_id == tenant_id))
 
 
-def require_succeeded(row: Attribution) -> None:
-    if row.status != "succeeded":
-        detail = f"the attribution is {row.status}; results exist only once it has succeeded"
-        if row.status == "failed":
-            detail += f" (error: {row.error})"
-        raise ProblemError(409, "attribution-not-succeeded", detail)
-
-
 @lru_cache(maxsize=4)
 def _read_results(path: Path) -> dict[str, np.ndarray]:
     with np.load(path, allow_pickle=False) as npz:

@@ -94,7 +94,7 @@ def cancel_audit(audit_id: uuid.UUID, session: SessionDep, tenant: TenantDep):
 def list_flags(audit_id: uuid.UUID, session: SessionDep, tenant: TenantDep,
                limit: Annotated[int, Query(ge=1, le=1000)] = 100, cursor: Annotated[str | None, Query(max_length=200)] = None):
     audit = _audit_or_404(session, tenant, audit_id)
-    service.require_finished(audit)
+    service.require_succeeded(audit)
     after = decode_cursor(cursor, "rank")
     rows = repository.flags_after(session, audit.id, after, limit + 1)
     more = len(rows) > limit
@@ -118,7 +118,7 @@ def list_scores(audit_id: uuid.UUID, session: SessionDep, store: StoreDep, tenan
                 cursor: Annotated[str | None, Query(max_length=200)] = None,
                 accept: Annotated[str | None, Header()] = None):
     audit = _audit_or_404(session, tenant, audit_id)
-    service.require_finished(audit)
+    service.require_succeeded(audit)
     data = service.load_scores(store, audit)
     n = int(data["score"].shape[0])
     optional = [k for k in ("self_influence", "suggested_label", "suggested_label_probability",
@@ -200,7 +200,7 @@ def list_attribution_queries(attribution_id: uuid.UUID, session: SessionDep, sto
                              limit: Annotated[int, Query(ge=1, le=1000)] = 100,
                              cursor: Annotated[str | None, Query(max_length=200)] = None):
     row = _attribution_or_404(session, tenant, attribution_id)
-    attributions.require_succeeded(row)
+    service.require_succeeded(row)
     start = decode_cursor(cursor, "query")
     results = attributions.load_results(store, row)
     stop = min(start + limit, row.num_queries)

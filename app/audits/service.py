@@ -216,12 +216,14 @@ def referenced_digests(session: Session) -> set[str]:
     return digests
 
 
-def require_finished(audit: Audit) -> None:
-    if audit.status != "succeeded":
-        detail = f"the audit is {audit.status}; results exist only once it has succeeded"
-        if audit.status == "failed":
-            detail += f" (error: {audit.error})"
-        raise ProblemError(409, "audit-not-succeeded", detail)
+def require_succeeded(job: Audit | Attribution) -> None:
+    """Results of a job (an audit or an attribution) exist only once it has succeeded: 409 otherwise."""
+    if job.status != "succeeded":
+        kind = job.__tablename__
+        detail = f"the {kind} is {job.status}; results exist only once it has succeeded"
+        if job.status == "failed":
+            detail += f" (error: {job.error})"
+        raise ProblemError(409, f"{kind}-not-succeeded", detail)
 
 
 @lru_cache(maxsize=4)  # whole score arrays: keep few in the API process
