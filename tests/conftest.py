@@ -3,6 +3,7 @@ against either the embedded default (SQLite + filesystem:// broker) or PostgreSQ
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -27,16 +28,34 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="session")
-def postgres_url():
-    """A fresh, empty PostgreSQL database for this test session, dropped afterwards."""
-    name = f"pbrf_test_{uuid.uuid4().hex[:10]}"
+@contextlib.contextmanager
+def fresh_postgres_database(prefix: str = "pbrf_test"):
+    """A new, empty PostgreSQL database, dropped afterwards; yields its SQLAlchemy URL.
+
+    Every service a test starts gets a database of its own: services that shared one would see each
+    other's jobs, and one's reaper would re-send another's audit to its own queue and store (where
+    the model file is not), failing it."""
+    name = f"{prefix}_{uuid.uuid4().hex[:10]}"
     with psycopg.connect(POSTGRES_ADMIN, autocommit=True) as conn:
         conn.execute(f'CREATE DATABASE "{name}"')
     base = POSTGRES_ADMIN.rsplit("/", 1)[0]
-    yield f"postgresql+psycopg://{base.split('://', 1)[1]}/{name}"
-    with psycopg.connect(POSTGRES_ADMIN, autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    try:
+        yield f"postgresql+psycopg://{base.split('://', 1)[1]}/{name}"
+    finally:
+        with psycopg.connect(POSTGRES_ADMIN, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def raw_postgres_url(sqlalchemy_url: str) -> str:
+    """The libpq form (for psycopg) of a URL from fresh_postgres_database."""
+    return sqlalchemy_url.replace("postgresql+psycopg://", "postgresql://", 1)
+
+
+@pytest.fixture
+def postgres_url():
+    """A database of this test's own (see fresh_postgres_database)."""
+    with fresh_postgres_database() as url:
+        yield url
 
 
 class Service:
@@ -104,13 +123,14 @@ def _service_env(kind: str, postgres_url: str | None) -> dict[str, str]:
 @pytest.fixture(scope="session", params=["embedded", "postgres_redis"])
 def service(request, tmp_path_factory):
     kind = request.param
-    pg = request.getfixturevalue("postgres_url") if kind == "postgres_redis" else None
-    svc = Service(_service_env(kind, pg), tmp_path_factory.mktemp(kind))
-    svc.kind = kind
-    svc.start()
-    yield svc
-    code = svc.stop()
-    assert code == 0, f"service exited with {code} on Ctrl-C:\n{svc.logs()[-3000:]}"
+    with contextlib.ExitStack() as stack:
+        pg = stack.enter_context(fresh_postgres_database()) if kind == "postgres_redis" else None
+        svc = Service(_service_env(kind, pg), tmp_path_factory.mktemp(kind))
+        svc.kind = kind
+        svc.start()
+        yield svc
+        code = svc.stop()
+        assert code == 0, f"service exited with {code} on Ctrl-C:\n{svc.logs()[-3000:]}"
 
 
 @pytest.fixture(scope="session")

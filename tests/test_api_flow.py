@@ -58,7 +58,8 @@ def test_audit_end_to_end(client, trained, service):
     assert r.status_code == 202, r.text
     audit = r.json()
     assert r.headers["location"] == f"/v1/audits/{audit['id']}"
-    assert audit["status"] == "queued" and audit["damping"] is None
+    # the answer shows the row as it is now: a free worker may already have claimed it
+    assert audit["status"] in ("queued", "running") and audit["damping"] is None
     final, seen = wait_for_audit(client, audit["id"])
     assert final["status"] == "succeeded", (final, service.logs()[-3000:])
     statuses = [s for s, _, _ in seen]

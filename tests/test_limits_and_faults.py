@@ -15,7 +15,7 @@ import psycopg
 import pytest
 import torch
 
-from tests.conftest import POSTGRES_ADMIN, Service, _service_env, free_port
+from tests.conftest import Service, _service_env, free_port, raw_postgres_url
 from tests.helpers import (assert_problem, export_onnx, npz_bytes, quick_mlp, synthetic_classification,
                            upload_dataset, upload_model, wait_for_audit)
 
@@ -132,15 +132,11 @@ def test_redis_restart_loses_queue_but_audits_still_run(tmp_path, postgres_url, 
         redis.kill()
 
 
-def test_database_error_while_writing_results_leaves_nothing_half_written(tmp_path, slow_inputs):
+def test_database_error_while_writing_results_leaves_nothing_half_written(tmp_path, postgres_url, slow_inputs):
     """A PostgreSQL trigger makes inserting the flags fail: the result transaction rolls back, the
     audit ends failed with a readable error, and no flag row exists."""
-    name = f"pbrf_fault_{uuid.uuid4().hex[:8]}"
-    with psycopg.connect(POSTGRES_ADMIN, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    url = f"postgresql+psycopg://{POSTGRES_ADMIN.rsplit('/', 1)[0].split('://', 1)[1]}/{name}"
-    raw = POSTGRES_ADMIN.rsplit("/", 1)[0] + f"/{name}"
-    svc = Service(_service_env("postgres_redis", url), tmp_path / "svc")
+    raw = raw_postgres_url(postgres_url)
+    svc = Service(_service_env("postgres_redis", postgres_url), tmp_path / "svc")
     svc.start()
     try:
         with psycopg.connect(raw, autocommit=True) as conn:
@@ -158,8 +154,6 @@ def test_database_error_while_writing_results_leaves_nothing_half_written(tmp_pa
             assert conn.execute("SELECT count(*) FROM audit_flag").fetchone()[0] == 0
     finally:
         svc.stop()
-        with psycopg.connect(POSTGRES_ADMIN, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 @pytest.mark.parametrize("kind", ["embedded", "postgres_redis"])
@@ -168,7 +162,6 @@ def test_a_tenant_storage_quota_refuses_what_would_not_fit_and_deletes_free_it(k
     file, 160 per flag row): past PBRF_TENANT_STORAGE_BYTES an upload gets 413 and an audit 422
     `storage-quota-exceeded`, nothing is stored, and deleting an audit frees its share."""
     pg = request.getfixturevalue("postgres_url") if kind == "postgres_redis" else None
-    # a tenant of its own: the PostgreSQL database is shared with the session's other services
     tenant, secret = f"quota-{uuid.uuid4().hex[:8]}", uuid.uuid4().hex
     svc = Service(_service_env(kind, pg) | {"PBRF_TENANT_STORAGE_BYTES": "40000", "PBRF_API_KEYS": f"{tenant}:{secret}"},
                   tmp_path / "quota")

@@ -15,24 +15,7 @@ from app.core.db import make_engine
 def empty_database(request, tmp_path):
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path / 'fresh.db'}"
-    return request.getfixturevalue("postgres_url_fresh")
-
-
-@pytest.fixture
-def postgres_url_fresh():
-    import uuid
-
-    import psycopg
-
-    from tests.conftest import POSTGRES_ADMIN
-
-    name = f"pbrf_mig_{uuid.uuid4().hex[:8]}"
-    with psycopg.connect(POSTGRES_ADMIN, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    base = POSTGRES_ADMIN.rsplit("/", 1)[0].split("://", 1)[1]
-    yield f"postgresql+psycopg://{base}/{name}"
-    with psycopg.connect(POSTGRES_ADMIN, autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    return request.getfixturevalue("postgres_url")
 
 
 def test_upgrade_head_matches_models_and_round_trips(empty_database):

@@ -3,6 +3,7 @@ process running an audit, cooperative cancellation, and that results are written
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import time
@@ -11,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import Service, _service_env
+from tests.conftest import Service, _service_env, fresh_postgres_database
 from tests.helpers import (all_pages, assert_problem, export_onnx, npz_bytes, quick_mlp, synthetic_classification,
                            upload_dataset, upload_model, wait_for_audit)
 
@@ -23,14 +24,15 @@ STALE_AFTER = 60
 
 @pytest.fixture(scope="module", params=["embedded", "postgres_redis"])
 def fast_reaper_service(request, tmp_path_factory):
-    pg = request.getfixturevalue("postgres_url") if request.param == "postgres_redis" else None
-    env = _service_env(request.param, pg) | {"PBRF_STALE_AFTER_SECONDS": str(STALE_AFTER), "PBRF_REAPER_INTERVAL_SECONDS": "1",
-                                             "PBRF_HEARTBEAT_SECONDS": "0.5", "PBRF_MAX_ACTIVE_AUDITS_PER_TENANT": "2",
-                                             "PBRF_GARBAGE_GRACE_SECONDS": "2"}
-    svc = Service(env, tmp_path_factory.mktemp(f"reaper-{request.param}"))
-    svc.start()
-    yield svc
-    svc.stop()
+    with contextlib.ExitStack() as stack:
+        pg = stack.enter_context(fresh_postgres_database()) if request.param == "postgres_redis" else None
+        env = _service_env(request.param, pg) | {
+            "PBRF_STALE_AFTER_SECONDS": str(STALE_AFTER), "PBRF_REAPER_INTERVAL_SECONDS": "1",
+            "PBRF_HEARTBEAT_SECONDS": "0.5", "PBRF_MAX_ACTIVE_AUDITS_PER_TENANT": "2", "PBRF_GARBAGE_GRACE_SECONDS": "2"}
+        svc = Service(env, tmp_path_factory.mktemp(f"reaper-{request.param}"))
+        svc.start()
+        yield svc
+        svc.stop()
 
 
 @pytest.fixture(scope="module")
