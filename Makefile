@@ -6,6 +6,7 @@ PY := $(VENV)/bin/python
 # torch is pinned to the build that lies on the dev machines' disk; a looser spec fetches several GB.
 TORCH := torch==2.14.1 torchvision==0.29.1
 HOST ?= 127.0.0.1
+WORKERS ?= 1
 PORT ?= 8000
 PYTEST_ARGS ?=
 
@@ -28,9 +29,10 @@ install: $(VENV)/.installed
 
 install-test: $(VENV)/.installed-test
 
-## Serve the API and one worker on the embedded default (SQLite, local artifacts, filesystem broker).
+## Serve the API and WORKERS worker processes (default 1) on the embedded default (SQLite, local
+## artifacts, filesystem broker); several share a large audit's shards: `make run WORKERS=2`.
 run: $(VENV)/.installed
-	$(PY) -m app.cli serve --host $(HOST) --port $(PORT)
+	PBRF_WORKER_CONCURRENCY=$(WORKERS) $(PY) -m app.cli serve --host $(HOST) --port $(PORT)
 
 ## Make sure PostgreSQL and Redis run on 127.0.0.1 (starting them if not).
 services:

@@ -1,7 +1,7 @@
 """Command line: `pbrf-audit serve` (API + worker), `migrate`, `worker`, `api`.
 
-`serve` is what `make run` starts: it applies the Alembic migrations, starts one Celery worker
-process (prefork, concurrency 1: one job per GPU) and the uvicorn API, and stops both on Ctrl-C.
+`serve` is what `make run` starts: it applies the Alembic migrations, starts a Celery worker
+(prefork, PBRF_WORKER_CONCURRENCY processes, one job each) and the uvicorn API, and stops both on Ctrl-C.
 """
 
 from __future__ import annotations
@@ -42,16 +42,22 @@ def migrate() -> None:
     typer.echo("database schema is at the latest revision")
 
 
-def worker_command(loglevel: str = "INFO") -> list[str]:
+def worker_command(loglevel: str = "INFO", concurrency: int | None = None) -> list[str]:
+    """A Celery worker whose prefork pool has `concurrency` processes (PBRF_WORKER_CONCURRENCY), each
+    running one job at a time: several share a sharded audit's shards."""
+    from app.core.config import get_settings
+
+    concurrency = concurrency or get_settings().worker_concurrency
     return [sys.executable, "-m", "celery", "-A", "worker.celery_app:celery_app", "worker", "--pool", "prefork",
-            "--concurrency", "1", "--loglevel", loglevel, "--without-gossip", "--without-mingle", "-n",
+            "--concurrency", str(concurrency), "--loglevel", loglevel, "--without-gossip", "--without-mingle", "-n",
             f"pbrf-worker-{os.getpid()}@%h"]
 
 
 @app.command()
-def worker(loglevel: str = "INFO") -> None:
-    """Run one Celery worker (prefork, concurrency 1)."""
-    os.execv(sys.executable, worker_command(loglevel))
+def worker(loglevel: str = "INFO",
+           concurrency: int = typer.Option(None, help="Worker processes (default PBRF_WORKER_CONCURRENCY, 1)")) -> None:
+    """Run one Celery worker (prefork; one job per pool process at a time)."""
+    os.execv(sys.executable, worker_command(loglevel, concurrency))
 
 
 @app.command()
@@ -80,7 +86,7 @@ def serve(host: str | None = None, port: int | None = None, loglevel: str = "INF
     typer.echo(f"  broker: {settings.broker_url}" + (f" (queue folder {settings.queue_dir.resolve()})"
                                                     if settings.embedded_broker else ""))
     children = [
-        subprocess.Popen(worker_command(loglevel)),
+        subprocess.Popen(worker_command(loglevel)),  # PBRF_WORKER_CONCURRENCY processes
         subprocess.Popen([sys.executable, "-m", "uvicorn", "app.main:create_app", "--factory", "--host", host,
                           "--port", str(port)]),
     ]

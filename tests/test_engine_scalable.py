@@ -54,11 +54,16 @@ def test_lanczos_with_full_rank_matches_exact():
 
 
 def test_lanczos_low_rank_keeps_the_top_of_the_spectrum():
+    """Whatever the random start (seed): rank 8 has the top two eigenvalues (8.56, 3.89) to 1e-3 and
+    rank 12 the top three; the third (2.94, next 2.25) is not reliably converged at rank 8 (3e-3 for
+    some starts), as Lanczos's convergence for eigenvalues with small relative gaps predicts."""
     model, x, y = tiny_problem(n=60)
     exact = fitted_exact(model, x, y, 1e-2)
-    est = fit("lanczos", model, x, y, damping=1e-2, lanczos_rank=8)
     top = torch.linalg.eigvalsh(exact.ggn).flip(0)[:3]
-    torch.testing.assert_close(est.eigenvalues.flip(0)[:3], top, rtol=1e-3, atol=1e-8)
+    for seed in range(3):
+        for rank, count in ((8, 2), (12, 3)):
+            est = fit("lanczos", model, x, y, damping=1e-2, lanczos_rank=rank, seed=seed)
+            torch.testing.assert_close(est.eigenvalues.flip(0)[:count], top[:count], rtol=1e-3, atol=1e-8)
 
 
 def test_diagonal_and_ekfac_eigenvalues_are_exact_ggn_projections():
@@ -88,16 +93,37 @@ def test_diagonal_and_ekfac_eigenvalues_are_exact_ggn_projections():
 
 
 def test_ekfac_tracks_exact_better_than_kfac():
+    """EK-FAC's eigenvalue correction is the best diagonal in K-FAC's eigenbasis (George et al. 2018):
+    with the exact Fisher expectation each layer's EK-FAC block is at least as close to the exact GGN
+    block as K-FAC's, in Frobenius norm. Scores track the exact ones for every blockwise method.
+
+    (Spearman of the scores is not the claim: on this model K-FAC's and EK-FAC's rank correlations
+    differ by less than one set of sampled labels moves them, 0.968-0.978 over four seeds.)"""
     torch.manual_seed(0)
     model, x, y = tiny_problem(n=300, d=6, hidden=12, classes=4, seed=3, epochs=400)
-    _, expected = exact_scores(model, x, y, 1e-3)
-    rho = {}
+    exact, expected = exact_scores(model, x, y, 1e-3)
+    G = exact.ggn
     for method in ("ekfac", "kfac", "diagonal"):
         scores = fit(method, model, x, y, damping=1e-3, seed=0).self_influence(x, y)
-        rho[method] = spearmanr(scores.numpy(), expected.numpy()).statistic
-    print("spearman vs exact:", rho)
-    assert rho["ekfac"] >= 0.9
-    assert rho["ekfac"] > rho["kfac"]
+        assert spearmanr(scores.numpy(), expected.numpy()).statistic >= 0.9, method
+    ekfac = fit("ekfac", model, x, y, damping=1e-3, fisher_samples=0)
+    kfac = fit("kfac", model, x, y, damping=1e-3, fisher_samples=0)
+    offset = 0
+    for name in ("0", "2"):
+        d_out, d_in = model[int(name)].weight.shape
+        idx_w = torch.arange(offset, offset + d_out * d_in).reshape(d_out, d_in)
+        idx_b = torch.arange(offset + d_out * d_in, offset + d_out * d_in + d_out)
+        offset += d_out * (d_in + 1)
+        index = torch.cat([idx_w, idx_b.unsqueeze(1)], dim=1).reshape(-1)  # row-major (d_out, d_in + 1)
+        block = G[index][:, index]
+        errors = {}
+        for label, est in (("ekfac", ekfac), ("kfac", kfac)):
+            st = est.state[name]
+            Q = torch.kron(st["QS"].double(), st["QA"].double())
+            approx = Q @ torch.diag(st["L"].double().reshape(-1)) @ Q.T
+            errors[label] = float(torch.linalg.norm(block - approx))
+        assert errors["ekfac"] <= errors["kfac"] * (1 + 1e-6), (name, errors)
+        assert errors["ekfac"] < 0.99 * errors["kfac"], (name, errors)  # and strictly better here
 
 
 class SharedAndNormed(nn.Module):

@@ -14,6 +14,7 @@ from app.core.config import Settings, get_settings
 
 RUN_AUDIT = "pbrf.run_audit"
 RUN_ATTRIBUTION = "pbrf.run_attribution"
+RUN_SHARD = "pbrf.run_shard"  # one shard of a sharded audit (worker/jobs.py)
 
 
 def make_celery(settings: Settings) -> Celery:

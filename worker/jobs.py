@@ -22,17 +22,19 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from sqlalchemy import and_, delete, insert, or_, select, update
+from sqlalchemy import and_, delete, func, insert, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.artifacts import loaders
 from app.artifacts.service import dataset_limits, external_paths
 from app.artifacts.tables import DatasetArtifact, ModelArtifact
-from app.audits.tables import Attribution, Audit, AuditFlag
+from app.audits.tables import Attribution, Audit, AuditFlag, AuditShard
 from app.core.config import Settings
 from app.core.storage import ArtifactStore
 from app.core.timeutil import as_utc, utcnow
-from app.influence import AuditConfig, EngineError, FittedCurvature, run_audit
+from app.influence import AuditConfig, AuditResult, EngineError, FittedCurvature, run_audit
+from app.influence import shards as sharding
+from app.influence.audit import set_up_audit
 from app.influence.attribution import run_attribution
 
 log = logging.getLogger("pbrf_audit.worker")
@@ -155,8 +157,10 @@ class ProgressWriter:
 
 def _fail(factory: sessionmaker, audit_id: uuid.UUID, token: str, message: str, table=Audit) -> None:
     with factory() as session:
-        session.execute(update(table).where(_owned(audit_id, token, table))
-                        .values(status="failed", error=message[:4000], finished_at=utcnow(), stage="failed"))
+        failed = session.execute(update(table).where(_owned(audit_id, token, table))
+                                 .values(status="failed", error=message[:4000], finished_at=utcnow(), stage="failed"))
+        if table is Audit and failed.rowcount == 1:
+            session.execute(delete(AuditShard).where(AuditShard.audit_id == audit_id))  # their files become garbage
         session.commit()
 
 
@@ -217,6 +221,13 @@ def _limit_memory(settings: Settings) -> None:
     resource.setrlimit(resource.RLIMIT_DATA, (limit, resource.getrlimit(resource.RLIMIT_DATA)[1]))
 
 
+def _share_cores(settings: Settings) -> None:
+    """Several CPU workers on one machine each take their share of the cores: torch's default of one
+    thread per core in every process would have them fight over the same cores."""
+    if settings.worker_concurrency > 1 and not torch.cuda.is_available():
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // settings.worker_concurrency))
+
+
 def _out_of_memory(exc: BaseException | str) -> bool:
     """An allocation refused (by the budget's limit, or by the machine), however it surfaced."""
     return isinstance(exc, MemoryError) or "can't allocate memory" in str(exc) or "Cannot allocate memory" in str(exc)
@@ -225,7 +236,7 @@ def _out_of_memory(exc: BaseException | str) -> bool:
 def _failed(exc: Exception, table, job_id: uuid.UUID, token: str, settings: Settings, factory: sessionmaker) -> str:
     """Fail an attempt with a message its owner can act on: the engine's or loader's own words, the
     memory budget or time limit it ran into, or an internal error (logged with its traceback)."""
-    kind = table.__tablename__
+    kind = table.__tablename__.replace("_", " ")
     if isinstance(exc, (EngineError, loaders.ArtifactError)):
         message = str(getattr(exc, "detail", exc))
         message = _memory_text(kind, settings) if _out_of_memory(message) else message
@@ -264,6 +275,7 @@ def _confined(table, job_id: uuid.UUID, token: str, settings: Settings, factory:
             _die_with_parent()
             factory.kw["bind"].dispose(close=False)  # the parent's pooled connections stay the parent's
             _limit_memory(settings)
+            _share_cores(settings)
             code = ATTEMPT_EXIT_CODES.get(attempt(), 1)
         except BaseException:
             traceback.print_exc()
@@ -381,17 +393,21 @@ def _audit_attempt(audit_id: uuid.UUID, token: str, settings: Settings, factory:
             progress("loading", 0.0)
             loaded, dataset, inputs = _load_training_set(store, model_row, dataset_row, settings)
             model = loaded.module
-            config = AuditConfig(method=method, damping=damping, weight_decay=params.get("weight_decay", 0.0),
-                                 batch_size=params.get("batch_size"), seed=params.get("seed", 0),
-                                 fisher_samples=params.get("fisher_samples", 1),
-                                 flag_fraction=params.get("flag_fraction"), curvature=params.get("curvature", "auto"),
-                                 lanczos_rank=params.get("lanczos_rank", 64),
-                                 verify_top_k=params.get("verify_top_k", 0),
-                                 pbrf_epsilon=params.get("pbrf_epsilon"),
-                                 max_exact_parameters=settings.max_exact_parameters)
+            config = _audit_config(method, damping, params, settings)
             stored, reused_from = _stored_curvature(factory, store, tenant, key)
-            result = run_audit(model, torch.from_numpy(inputs), torch.from_numpy(dataset.labels), config,
-                               progress=progress, curvature=stored[1] if stored else None)
+            inputs_t, labels_t = torch.from_numpy(inputs), torch.from_numpy(dataset.labels)
+            shard_size = params.get("shard_size", settings.shard_size)
+            not_sharded = None
+            if len(labels_t) > shard_size:
+                not_sharded = sharding.why_not_sharded(config, set_up_audit(model, inputs_t, labels_t, config))
+            if len(labels_t) > shard_size and not_sharded is None:
+                result = _run_sharded(audit_id, tenant, settings, factory, store, progress, model, config, inputs_t,
+                                      labels_t, shard_size, stored)
+            else:
+                result = run_audit(model, inputs_t, labels_t, config, progress=progress,
+                                   curvature=stored[1] if stored else None)
+                if not_sharded is not None:
+                    result.summary["shards"] = {"num_shards": 1, "not_sharded": not_sharded}
             progress("saving", 1.0)
             curvature_sha = None
             if result.curvature is not None and key is not None:
@@ -419,6 +435,7 @@ def _audit_attempt(audit_id: uuid.UUID, token: str, settings: Settings, factory:
                 # One transaction: stale rows from a crashed attempt are replaced, and the status flips
                 # only if this attempt still owns the job.
                 session.execute(delete(AuditFlag).where(AuditFlag.audit_id == audit_id))
+                session.execute(delete(AuditShard).where(AuditShard.audit_id == audit_id))
                 if rows:
                     session.execute(insert(AuditFlag), rows)
                 done = session.execute(update(Audit).where(_owned(audit_id, token)).values(
@@ -435,6 +452,195 @@ def _audit_attempt(audit_id: uuid.UUID, token: str, settings: Settings, factory:
         return "lost"
     except Exception as exc:
         return _failed(exc, Audit, audit_id, token, settings, factory)
+
+
+def _audit_config(method: str, damping: float | None, params: dict, settings: Settings) -> AuditConfig:
+    """The engine's settings of an audit, from its row (the request's parameters as recorded)."""
+    return AuditConfig(method=method, damping=damping, weight_decay=params.get("weight_decay", 0.0),
+                       batch_size=params.get("batch_size"), seed=params.get("seed", 0),
+                       fisher_samples=params.get("fisher_samples", 1), flag_fraction=params.get("flag_fraction"),
+                       curvature=params.get("curvature", "auto"), lanczos_rank=params.get("lanczos_rank", 64),
+                       verify_top_k=params.get("verify_top_k", 0), pbrf_epsilon=params.get("pbrf_epsilon"),
+                       max_exact_parameters=settings.max_exact_parameters)
+
+
+# ---------------------------------------------------------------------------------------- sharded audits
+# An audit over more than shard_size examples is cut into shards (app/influence/shards.py). For each
+# step (the estimator's fitting stages, then the scores) the audit's own attempt makes one AuditShard
+# row per shard, sends a message per shard so that idle workers join in, and itself claims and runs
+# shards until none is left to take; then it waits for those other workers hold and reduces. The rows
+# are the truth, as for audits: a shard is claimed by compare-and-set, heartbeats while it runs, and a
+# shard whose process died is claimed again (by the coordinator, or by a later attempt of the audit,
+# which keeps every shard already done). No Celery result backend or chord is needed.
+
+def _shard_bytes(tensors: dict[str, torch.Tensor]) -> bytes:
+    from safetensors.torch import save
+
+    return save({k: v.detach().cpu().contiguous() for k, v in tensors.items()})
+
+
+def _shard_tensors(store: ArtifactStore, sha: str) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load
+
+    return load(store.path_for(sha).read_bytes())
+
+
+def _compute_shard(store: ArtifactStore, model, config: AuditConfig, plan: sharding.ShardPlan, step: str, index: int,
+                   inputs: torch.Tensor, labels: torch.Tensor, state: FittedCurvature | None) -> tuple[str, float]:
+    """Run one shard of one step; its result goes to the store. Returns (sha256, seconds)."""
+    started = time.perf_counter()
+    setup = set_up_audit(model, inputs, labels, config)
+    if step == sharding.SCORES:
+        out = sharding.score_shard(setup, plan, index, inputs, labels, state, config.loss)
+    else:
+        out = sharding.fit_shard(setup, plan, step, index, inputs, labels, state)
+    return store.put_bytes(_shard_bytes(out)), time.perf_counter() - started
+
+
+def _shard_done(factory: sessionmaker, shard_id: uuid.UUID, token: str, sha: str, seconds: float) -> None:
+    with factory() as session:
+        done = session.execute(update(AuditShard).where(_owned(shard_id, token, AuditShard)).values(
+            status="succeeded", progress=1.0, stage="done", finished_at=utcnow(), result_sha256=sha, seconds=seconds))
+        session.commit()
+    if done.rowcount != 1:
+        raise JobLost
+
+
+def _shard_rows(factory: sessionmaker, audit_id: uuid.UUID, tenant: str, plan: sharding.ShardPlan, step: str,
+                input_sha: str | None) -> bool:
+    """Make the step's shard rows unless an earlier attempt of the audit made them; True when made."""
+    with factory() as session:
+        exists = session.scalar(select(AuditShard.id).where(AuditShard.audit_id == audit_id, AuditShard.step == step)
+                                .limit(1))
+        if exists is not None:
+            return False
+        session.execute(insert(AuditShard), [
+            {"id": uuid.uuid4(), "tenant_id": tenant, "audit_id": audit_id, "step": step, "shard_index": i,
+             "plan": plan.to_dict(), "input_sha256": input_sha, "status": "queued", "progress": 0.0,
+             "stage": "queued", "attempts": 0} for i in range(plan.num_shards)])
+        session.commit()
+    return True
+
+
+def _announce_shards(factory: sessionmaker, audit_id: uuid.UUID, step: str) -> None:
+    """One message per queued shard, so that idle workers take some (the coordinator takes the rest)."""
+    from worker.celery_app import RUN_SHARD, celery_app
+
+    with factory() as session:
+        ids = session.scalars(select(AuditShard.id).where(AuditShard.audit_id == audit_id, AuditShard.step == step,
+                                                          AuditShard.status == "queued")).all()
+    for shard_id in ids:
+        try:
+            celery_app.send_task(RUN_SHARD, args=[str(shard_id)])
+        except Exception:  # the broker is down: the coordinator runs them all itself
+            log.warning("could not announce shard %s; the audit's own worker will run it", shard_id)
+            return
+
+
+def _drain_step(factory: sessionmaker, settings: Settings, audit_id: uuid.UUID, step: str, run_shard,
+                report) -> list[str]:
+    """Claim and run this step's shards until every one has succeeded; returns their results' digests
+    in shard order. A shard that failed fails the audit with its error."""
+    worker_name = f"{socket.gethostname()}:{os.getpid()}"
+    while True:
+        with factory() as session:
+            rows = session.execute(select(AuditShard.id, AuditShard.shard_index, AuditShard.status, AuditShard.error,
+                                          AuditShard.result_sha256).where(AuditShard.audit_id == audit_id,
+                                                                          AuditShard.step == step)
+                                   .order_by(AuditShard.shard_index)).all()
+        for row in rows:
+            if row.status in ("failed", "cancelled"):
+                raise EngineError(f"shard {row.shard_index + 1} of {len(rows)} ({step}) {row.status}: {row.error}")
+        done = sum(row.status == "succeeded" for row in rows)
+        report(done, len(rows))
+        if done == len(rows):
+            return [row.result_sha256 for row in rows]
+        ran = False
+        for row in rows:
+            if row.status == "succeeded":
+                continue
+            with factory() as session:
+                token = claim(session, row.id, worker_name, settings.stale_after_seconds, table=AuditShard)
+            if token is not None:
+                with Heartbeat(factory, row.id, token, settings.heartbeat_seconds, table=AuditShard):
+                    sha, seconds = run_shard(row.shard_index)
+                _shard_done(factory, row.id, token, sha, seconds)
+                ran = True
+                break
+        if not ran:
+            time.sleep(0.2)  # the others are running elsewhere
+
+
+def _run_sharded(audit_id: uuid.UUID, tenant: str, settings: Settings, factory: sessionmaker, store: ArtifactStore,
+                 progress, model, config: AuditConfig, inputs: torch.Tensor, labels: torch.Tensor, shard_size: int,
+                 stored) -> AuditResult:
+    started = time.perf_counter()
+    plan = sharding.ShardPlan.make(set_up_audit(model, inputs, labels, config), len(labels), shard_size,
+                                   fit=stored is None)
+    state, state_sha = (stored[1], stored[0]) if stored else (None, None)
+    total = plan.num_shards * len(plan.stages)
+    timings: dict[str, float] = {}
+    for position, step in enumerate(plan.stages):
+        t0 = time.perf_counter()
+        if _shard_rows(factory, audit_id, tenant, plan, step, state_sha) and plan.num_shards > 1:
+            _announce_shards(factory, audit_id, step)
+
+        def report(done: int, count: int, position=position, step=step) -> None:
+            progress(f"{step}: {done} of {count} shards", (position * plan.num_shards + done) / total)
+
+        def run_shard(index: int, step=step, state=state) -> tuple[str, float]:
+            return _compute_shard(store, model, config, plan, step, index, inputs, labels, state)
+
+        digests = _drain_step(factory, settings, audit_id, step, run_shard, report)
+        results = (_shard_tensors(store, sha) for sha in digests)  # read one at a time
+        if step == sharding.SCORES:
+            parts = list(results)
+        else:
+            state = sharding.finish_stage(set_up_audit(model, inputs, labels, config), plan, step, results, inputs,
+                                          state)
+            state_sha = store.put_bytes(state.to_bytes())
+        timings[step] = time.perf_counter() - t0
+    with factory() as session:
+        workers = dict(session.execute(select(AuditShard.worker, func.count()).where(AuditShard.audit_id == audit_id)
+                                       .group_by(AuditShard.worker)).all())
+    result = sharding.conclude_sharded(config, set_up_audit(model, inputs, labels, config), plan, inputs, labels,
+                                       parts, state, timings, started, stored is not None)
+    result.summary["shards"]["shards_per_worker"] = {str(k): int(v) for k, v in workers.items()}
+    return result
+
+
+def run_shard_job(shard_id: uuid.UUID, settings: Settings, factory: sessionmaker, worker_name: str | None = None) -> str:
+    """Take one shard of a running sharded audit, if nobody has (its audit's attempt may have run it
+    already), in a child process like any job."""
+    with factory() as session:
+        shard = session.get(AuditShard, shard_id)
+        running = shard is not None and session.scalar(select(Audit.status).where(Audit.id == shard.audit_id)) == "running"
+    if not running:
+        return "skipped"
+    return _claim_and_run(AuditShard, shard_id, settings, factory, worker_name, _shard_attempt)
+
+
+def _shard_attempt(shard_id: uuid.UUID, token: str, settings: Settings, factory: sessionmaker) -> str:
+    with factory() as session:
+        shard = session.get(AuditShard, shard_id)
+        audit = session.get(Audit, shard.audit_id)
+        model_row = session.get(ModelArtifact, audit.model_id)
+        dataset_row = session.get(DatasetArtifact, audit.dataset_id)
+        plan, step, index, input_sha = sharding.ShardPlan.from_dict(shard.plan), shard.step, shard.shard_index, \
+            shard.input_sha256
+        config = _audit_config(audit.method, audit.damping_requested, dict(audit.params or {}), settings)
+    store = ArtifactStore(settings.storage_dir)
+    try:
+        loaded, dataset, inputs = _load_training_set(store, model_row, dataset_row, settings)
+        state = FittedCurvature.from_bytes(store.path_for(input_sha).read_bytes()) if input_sha else None
+        sha, seconds = _compute_shard(store, loaded.module, config, plan, step, index, torch.from_numpy(inputs),
+                                      torch.from_numpy(dataset.labels), state)
+        _shard_done(factory, shard_id, token, sha, seconds)
+        return "succeeded"
+    except JobLost:
+        return "lost"
+    except Exception as exc:
+        return _failed(exc, AuditShard, shard_id, token, settings, factory)
 
 
 def run_attribution_job(attribution_id: uuid.UUID, settings: Settings, factory: sessionmaker,

@@ -12,8 +12,8 @@ from celery.signals import worker_process_init, worker_ready, worker_shutting_do
 from app.core.config import get_settings
 from app.core.db import get_engine, get_sessionmaker
 
-from .celery_app import RUN_ATTRIBUTION, RUN_AUDIT, celery_app
-from .jobs import reap, run_attribution_job, run_audit_job
+from .celery_app import RUN_ATTRIBUTION, RUN_AUDIT, RUN_SHARD, celery_app
+from .jobs import reap, run_attribution_job, run_audit_job, run_shard_job
 
 log = logging.getLogger("pbrf_audit.worker")
 _reaper_stop = threading.Event()
@@ -31,6 +31,11 @@ def send_audit(audit_id: uuid.UUID) -> None:
 @celery_app.task(name=RUN_ATTRIBUTION, acks_late=True, reject_on_worker_lost=True)
 def run_attribution_task(attribution_id: str) -> str:
     return run_attribution_job(uuid.UUID(attribution_id), get_settings(), get_sessionmaker())
+
+
+@celery_app.task(name=RUN_SHARD, acks_late=True, reject_on_worker_lost=True)
+def run_shard_task(shard_id: str) -> str:
+    return run_shard_job(uuid.UUID(shard_id), get_settings(), get_sessionmaker())
 
 
 def send_attribution(attribution_id: uuid.UUID) -> None:

@@ -35,6 +35,10 @@ class AuditCreate(BaseModel):
         "(loo: confident learning's estimated number of label issues; others: 10%)"))
     curvature: Literal["auto", "exact", "ekfac", "kfac", "diagonal", "lanczos"] = Field("auto", description=(
         "Curvature back end of the loo method; auto = ekfac (exact is the slower reference)"))
+    shard_size: int | None = Field(None, ge=1, le=10**9, description=(
+        "Training examples per shard: an audit over more examples is split into shards that every worker "
+        "may take (blockwise methods ekfac, kfac, diagonal; rounded to a multiple of the batch size); "
+        "null = the server's PBRF_SHARD_SIZE. Recorded in params and in summary.shards"))
     name: str | None = Field(None, max_length=255)
 
     @field_validator("pbrf_epsilon")

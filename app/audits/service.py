@@ -25,7 +25,7 @@ from app.influence.registry import ESTIMATORS, available_methods
 
 from .quota import audit_result_bytes, quota_exceeded, storage_left
 from .schemas import TERMINAL, AuditCreate
-from .tables import Attribution, Audit, AuditFlag
+from .tables import Attribution, Audit, AuditFlag, AuditShard
 
 # part of every curvature key: a change to what a stored fit holds makes old fits unused, not misread
 CURVATURE_FORMAT = "pbrf-audit blockwise curvature v1"
@@ -104,6 +104,7 @@ def create_audit(*, session: Session, tenant_id: str, request: AuditCreate) -> A
                            f"{settings.max_active_audits_per_tenant}); wait for one to finish or cancel one",
                            headers={"Retry-After": "30"})
     params = request.model_dump(mode="json", exclude={"model_id", "dataset_id", "method", "damping"})
+    params["shard_size"] = request.shard_size or settings.shard_size  # the server default, recorded
     audit = Audit(tenant_id=tenant_id, model_id=model.id, dataset_id=dataset.id, status="queued",
                   method=request.method, damping_requested=request.damping, damping=request.damping, params=params,
                   progress=0.0, stage="queued", attempts=0, curvature_key=curvature_key(tenant_id, request))
@@ -147,6 +148,8 @@ def cancel_audit(session: Session, audit: Audit) -> Audit:
     # Compare-and-set on the status, so a job finishing at the same moment wins cleanly.
     result = session.execute(update(Audit).where(Audit.id == audit.id, Audit.status.in_(("queued", "running")))
                              .values(status="cancelled", finished_at=utcnow(), stage="cancelled"))
+    if result.rowcount == 1:  # a shard running on another worker sees its row gone and is stopped
+        session.execute(delete(AuditShard).where(AuditShard.audit_id == audit.id))
     session.commit()
     session.refresh(audit)
     if result.rowcount == 0:
@@ -166,6 +169,7 @@ def delete_audit(session: Session, audit: Audit) -> None:
     # compare-and-set: an audit that a racing request re-queued is not deleted under it
     session.execute(delete(Attribution).where(Attribution.audit_id == audit.id))
     session.execute(delete(AuditFlag).where(AuditFlag.audit_id == audit.id))
+    session.execute(delete(AuditShard).where(AuditShard.audit_id == audit.id))
     done = session.execute(delete(Audit).where(Audit.id == audit.id, Audit.status.not_in(ACTIVE)))
     if done.rowcount != 1:
         session.rollback()
@@ -196,6 +200,7 @@ def delete_input(session: Session, tenant_id: str, row, kind: str) -> None:
         _refuse_active_attributions(session, finished)
         session.execute(delete(Attribution).where(Attribution.audit_id.in_(finished)))
         session.execute(delete(AuditFlag).where(AuditFlag.audit_id.in_(finished)))
+        session.execute(delete(AuditShard).where(AuditShard.audit_id.in_(finished)))
         session.execute(delete(Audit).where(Audit.id.in_(finished)))
     session.delete(row)
     session.commit()
@@ -212,6 +217,8 @@ def referenced_digests(session: Session) -> set[str]:
     digests |= set(session.scalars(select(Audit.scores_sha256).where(Audit.scores_sha256.is_not(None))))
     digests |= set(session.scalars(select(Audit.curvature_sha256).where(Audit.curvature_sha256.is_not(None))))
     digests |= set(session.scalars(select(Attribution.query_sha256)))
+    for column in (AuditShard.input_sha256, AuditShard.result_sha256):  # a sharded audit's work in progress
+        digests |= set(session.scalars(select(column).where(column.is_not(None))))
     digests |= set(session.scalars(select(Attribution.results_sha256).where(Attribution.results_sha256.is_not(None))))
     return digests
 

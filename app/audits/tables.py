@@ -5,7 +5,7 @@ from __future__ import annotations
 import uuid
 from datetime import datetime
 
-from sqlalchemy import JSON, DateTime, Float, ForeignKey, Index, Integer, String, Text, func
+from sqlalchemy import JSON, DateTime, Float, ForeignKey, Index, Integer, String, Text, UniqueConstraint, func
 from sqlalchemy.orm import Mapped, mapped_column
 
 from app.core.db import Base
@@ -80,3 +80,22 @@ class Attribution(JobLifecycle, Base):
     query_sha256: Mapped[str] = mapped_column(String(64))
     query_size_bytes: Mapped[int] = mapped_column(Integer)
     results_sha256: Mapped[str | None] = mapped_column(String(64))
+
+
+class AuditShard(JobLifecycle, Base):
+    """One shard of rows of a sharded audit, for one step (a fitting stage or `scores`): a job with an
+    audit's lifecycle that any worker may claim, whose result (the shard's partial sums, or its scores)
+    is a safetensors file in the store. The audit's own attempt coordinates: it makes the rows, claims
+    and runs what no other worker has taken, and reduces. Rows go when the audit ends."""
+
+    __tablename__ = "audit_shard"
+    __table_args__ = (UniqueConstraint("audit_id", "step", "shard_index", name="uq_audit_shard_position"),)
+
+    audit_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("audit.id", ondelete="CASCADE"), index=True)
+    step: Mapped[str] = mapped_column(String(32))  # the estimator's fitting stage, or "scores"
+    shard_index: Mapped[int] = mapped_column(Integer)
+    plan: Mapped[dict] = mapped_column(JSON)  # how the audit's rows are cut (ShardPlan.to_dict)
+    # the fit after the earlier steps, which this step's shards start from (none for the first)
+    input_sha256: Mapped[str | None] = mapped_column(String(64))
+    result_sha256: Mapped[str | None] = mapped_column(String(64))
+    seconds: Mapped[float | None] = mapped_column(Float)

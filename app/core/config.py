@@ -52,6 +52,12 @@ class Settings(BaseSettings):
     max_active_audits_per_tenant: int = Field(
         20, ge=1, description="Queued or running audits one tenant may have; a new one above that gets 429.")
 
+    shard_size: int = Field(50_000, ge=1, description=(
+        "Examples per shard of an audit's blockwise fit and scoring; an audit over more is split so that "
+        "several workers share it (an audit's own shard_size overrides this)."))
+    worker_concurrency: int = Field(1, ge=1, le=64, description=(
+        "Worker processes `serve` and `worker` start (each runs one job at a time, on CPU with its share of "
+        "the cores); one per GPU on a GPU machine."))
     heartbeat_seconds: float = 5.0
     stale_after_seconds: float = 120.0
     reaper_interval_seconds: float = 30.0

@@ -56,6 +56,8 @@ class AuditResult:
     extras: dict[str, torch.Tensor] = field(default_factory=dict)
     # the fitted curvature, for estimators that can store it (fitted by this audit or given to it)
     curvature: FittedCurvature | None = None
+    # every example, most suspicious first (flagged is its head)
+    flagged_order: torch.Tensor | None = None
 
 
 def pick_device(requested: str | None) -> torch.device:
@@ -111,22 +113,30 @@ def check_compatible(model: nn.Module, inputs: torch.Tensor, targets: torch.Tens
     return num_outputs
 
 
-def run_audit(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, config: AuditConfig,
-              progress: ProgressCallback | None = None, curvature: FittedCurvature | None = None) -> AuditResult:
-    """`curvature`: a fit stored by an earlier audit of the same model with the same curvature settings
-    (AuditResult.curvature); the audit then scores with it and makes no fitting pass."""
-    started = time.perf_counter()
-    report = progress or (lambda stage, fraction: None)
+@dataclass
+class AuditSetup:
+    """What every part of an audit agrees on: the model on its device, the loss, the estimator and the
+    batch size (from the config and two examples; the same in each shard of a sharded audit)."""
+
+    device: torch.device
+    model: nn.Module
+    loss: object
+    estimator: Estimator
+    batch_size: int
+    loo: bool
+
+
+def set_up_audit(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, config: AuditConfig) -> AuditSetup:
+    """Check the model against the data (two examples and the labels) and build the estimator. Freezes
+    the model's parameters (the engine differentiates them only when asked)."""
     device = pick_device(config.device)
     model = model.to(device).eval()
     for p in model.parameters():
         p.requires_grad_(False)
     loss = output_loss(config.loss)
-    n = inputs.shape[0]
-    if n == 0:
+    if inputs.shape[0] == 0:
         raise EngineError("the dataset has no examples")
     num_outputs = check_compatible(model, inputs[:2].to(device), targets.to(device), config.loss)
-
     options = EstimatorOptions(damping=config.damping, weight_decay=config.weight_decay,
                                fisher_samples=config.fisher_samples, seed=config.seed,
                                max_exact_parameters=config.max_exact_parameters, lanczos_rank=config.lanczos_rank,
@@ -136,12 +146,43 @@ def run_audit(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, con
         raise EngineError("method 'loo' needs a classification model (softmax cross-entropy)")
     name = config.method
     if loo:
-        name = config.curvature
-        if name == "auto":
-            name = "ekfac"
+        name = "ekfac" if config.curvature == "auto" else config.curvature
     estimator: Estimator = make_estimator(name, model, loss, options, device)
     batch_size = config.batch_size or auto_batch_size(estimator, num_outputs, inputs[:2].to(device))
-    data = BatchSource(inputs, targets, batch_size, device)
+    return AuditSetup(device=device, model=model, loss=loss, estimator=estimator, batch_size=batch_size, loo=loo)
+
+
+class Predictions:
+    """Per-example loss, predicted class and probability of the given label at theta_s, batch by batch."""
+
+    def __init__(self, loss, loss_name: str):
+        self.loss, self.loss_name = loss, loss_name
+        self.losses, self.predicted, self.given_probability = [], [], []
+
+    def add(self, outputs: torch.Tensor, targets: torch.Tensor) -> None:
+        self.losses.append(self.loss.loss(outputs, targets).double().cpu())
+        if self.loss_name == "cross_entropy":
+            probs = torch.softmax(outputs.double(), -1)
+            self.predicted.append(probs.argmax(-1).cpu())
+            self.given_probability.append(probs.gather(1, targets.long().unsqueeze(1)).squeeze(1).cpu())
+
+    def tensors(self, n: int) -> dict[str, torch.Tensor]:
+        return {"losses": torch.cat(self.losses),
+                "predicted": torch.cat(self.predicted) if self.predicted else torch.zeros(n, dtype=torch.long),
+                "given_probability": torch.cat(self.given_probability) if self.given_probability else
+                torch.full((n,), float("nan"), dtype=torch.float64)}
+
+
+def run_audit(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, config: AuditConfig,
+              progress: ProgressCallback | None = None, curvature: FittedCurvature | None = None) -> AuditResult:
+    """`curvature`: a fit stored by an earlier audit of the same model with the same curvature settings
+    (AuditResult.curvature); the audit then scores with it and makes no fitting pass."""
+    started = time.perf_counter()
+    report = progress or (lambda stage, fraction: None)
+    setup = set_up_audit(model, inputs, targets, config)
+    model, loss, estimator, device, loo = setup.model, setup.loss, setup.estimator, setup.device, setup.loo
+    n = inputs.shape[0]
+    data = BatchSource(inputs, targets, setup.batch_size, device)
     if curvature is not None:
         if not estimator.stores_curvature:
             raise EngineError(f"the '{estimator.name}' curvature cannot be loaded")
@@ -163,21 +204,14 @@ def run_audit(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, con
     def step(pass_index: int, stage: str, batch_index: int) -> None:
         report(stage, min(1.0, (pass_index + (batch_index + 1) / num_batches) / passes))
 
-    losses, predicted, given_prob = [], [], []
-
-    def record_predictions(out: torch.Tensor, y: torch.Tensor) -> None:
-        losses.append(loss.loss(out, y).double().cpu())
-        if config.loss == "cross_entropy":
-            probs = torch.softmax(out.double(), -1)
-            predicted.append(probs.argmax(-1).cpu())
-            given_prob.append(probs.gather(1, y.long().unsqueeze(1)).squeeze(1).cpu())
+    predictions = Predictions(loss, config.loss)
 
     # 1. predictions at theta_s
     t0 = time.perf_counter()
     if not predictions_from_fit:
         with torch.no_grad():
             for b, (x, y) in enumerate(data()):
-                record_predictions(model(x), y)
+                predictions.add(model(x), y)
                 step(0, "predictions", b)
     timings["predictions"] = time.perf_counter() - t0
 
@@ -198,11 +232,8 @@ def run_audit(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, con
         if estimator.batch_outputs is None or len(estimator.batch_outputs) != num_batches:
             raise RuntimeError("the fit did not keep its outputs")  # a bug, not a user error
         for out, y in zip(estimator.batch_outputs, targets.split(data.batch_size)):
-            record_predictions(out, y.to(out.device))
+            predictions.add(out, y.to(out.device))
         estimator.batch_outputs = None
-    losses_t = torch.cat(losses)
-    predicted_t = torch.cat(predicted) if predicted else torch.zeros(n, dtype=torch.long)
-    given_prob_t = torch.cat(given_prob) if given_prob else torch.full((n,), float("nan"), dtype=torch.float64)
 
     # 3. scores
     t0 = time.perf_counter()
@@ -222,9 +253,30 @@ def run_audit(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, con
         raw = torch.cat(parts)
         scores = raw
     timings["scores"] = time.perf_counter() - t0
+    result = conclude_audit(config, setup, targets, scores=scores, raw=raw, extras=extras, loo_summary=loo_summary,
+                            timings=timings, started=started, curvature_reused=curvature is not None,
+                            **predictions.tensors(n))
+    if config.verify_top_k:
+        t0 = time.perf_counter()
+        result.summary["verification"] = json_safe(verify_against_pbrf(
+            model, loss, inputs, targets, result.flagged_order[: config.verify_top_k].tolist(), raw,
+            estimator.damping or 0.0, config, lambda f: report("pbrf", min(1.0, (passes - 1 + f) / passes))))
+        result.summary["seconds"]["pbrf"] = round(time.perf_counter() - t0, 4)
+    result.curvature = curvature if curvature is not None else (
+        estimator.fitted_curvature() if estimator.stores_curvature else None)
+    return result
+
+
+def conclude_audit(config: AuditConfig, setup: AuditSetup, targets: torch.Tensor, *, scores: torch.Tensor,
+                   raw: torch.Tensor, losses: torch.Tensor, predicted: torch.Tensor, given_probability: torch.Tensor,
+                   timings: dict[str, float], started: float, curvature_reused: bool,
+                   extras: dict | None = None, loo_summary: dict | None = None) -> AuditResult:
+    """Every example scored: the flags (the config's fraction, confident learning for loo, else 10%)
+    and the summary, for one worker's audit and a sharded one alike."""
+    estimator, loo, loo_summary = setup.estimator, setup.loo, loo_summary or {}
+    n = scores.shape[0]
     if not torch.isfinite(scores).all():
         raise EngineError("non-finite influence scores: the model's outputs or gradients overflow on this data")
-
     order = torch.argsort(scores, descending=True, stable=True)
     if config.flag_fraction is not None:
         num_flags = round(config.flag_fraction * n)
@@ -244,32 +296,25 @@ def run_audit(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, con
         "score": ("1 - out-of-sample probability of the given label (one Gauss-Newton step on the PBRF removal "
                   "objective)") if loo else ("self_influence g^T (G + damping I)^-1 g, G the mean GGN, no 1/N factor"
                                              if estimator.uses_curvature else "squared gradient norm"),
-        "device": str(device),
-        "batch_size": batch_size,
+        "device": str(setup.device),
+        "batch_size": setup.batch_size,
         "seed": config.seed,
         "num_flagged": num_flags,
         "flag_rule": flag_rule,
         "estimator": estimator.describe(),
-        "curvature_reused": curvature is not None,
+        "curvature_reused": curvature_reused,
         "seconds": {k: round(v, 4) for k, v in timings.items()} | {"total": round(time.perf_counter() - started, 4)},
     }
     if loo:
         summary["out_of_sample"] = loo_summary
         summary["curvature"] = estimator.name
-    if config.verify_top_k:
-        t0 = time.perf_counter()
-        summary["verification"] = verify_against_pbrf(
-            model, loss, inputs, targets, order[: config.verify_top_k].tolist(), raw, estimator.damping or 0.0,
-            config, lambda f: report("pbrf", min(1.0, (passes - 1 + f) / passes)))
-        summary["seconds"]["pbrf"] = round(time.perf_counter() - t0, 4)
     if config.loss == "cross_entropy":
-        summary["training_accuracy"] = float((predicted_t == targets.cpu().long()).double().mean())
-        summary["num_disagreeing_with_model"] = int((predicted_t != targets.cpu().long()).sum())
+        summary["training_accuracy"] = float((predicted == targets.cpu().long()).double().mean())
+        summary["num_disagreeing_with_model"] = int((predicted != targets.cpu().long()).sum())
     return AuditResult(scores=scores, self_influence=raw if estimator.uses_curvature else None,
-                       losses=losses_t, predicted=predicted_t, given_probability=given_prob_t,
-                       flagged=order[:num_flags], damping=estimator.damping, summary=json_safe(summary),
-                       extras=extras, curvature=curvature if curvature is not None else (
-                           estimator.fitted_curvature() if estimator.stores_curvature else None))
+                       losses=losses, predicted=predicted, given_probability=given_probability,
+                       flagged=order[:num_flags], flagged_order=order, damping=estimator.damping,
+                       summary=json_safe(summary), extras=extras or {})
 
 
 def json_safe(value):

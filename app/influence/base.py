@@ -10,9 +10,11 @@ and reduced by summation. After all stages, `self_influence` scores batches.
 from __future__ import annotations
 
 import math
+import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -24,10 +26,16 @@ Partial = dict[str, torch.Tensor]
 class BatchSource:
     """Re-iterable batches of (inputs, targets) on the compute device: `for x, y in source(): ...`."""
 
-    def __init__(self, inputs: torch.Tensor, targets: torch.Tensor, batch_size: int, device: torch.device):
+    def __init__(self, inputs: torch.Tensor, targets: torch.Tensor, batch_size: int, device: torch.device,
+                 offset: int = 0):
         self.inputs, self.targets, self.batch_size, self.device = inputs, targets, batch_size, device
+        self.offset = offset  # index of the first row in the whole training set (a shard's start)
         self.num_examples = int(inputs.shape[0])
         self.num_batches = max(1, math.ceil(self.num_examples / batch_size))
+
+    def first_example(self, batch_index: int) -> int:
+        """Index in the whole training set of a batch's first row."""
+        return self.offset + batch_index * self.batch_size
 
     def __call__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for start in range(0, self.num_examples, self.batch_size):
@@ -99,13 +107,32 @@ class Estimator:
         self.params: ParamDict = trainable_parameters(model)
         self.num_parameters = num_parameters(self.params)
         self.damping: float | None = options.damping
-        self.generator = torch.Generator().manual_seed(options.seed)
+        self.generator = torch.Generator().manual_seed(options.seed)  # random starts (Lanczos), never labels
+        self._first_example = 0
+
+    def draw_for_batch(self, first_example: int) -> None:
+        """Say where the next batch starts in the whole training set: its Fisher labels are drawn from
+        (seed, stage, sample number, example index) alone, so that every fit plan (one pass or one per
+        stage), every batch size and every sharding draws the same labels for the same example, and
+        each stage draws its own (independent of the other stages', as kronfluence's passes do)."""
+        self._first_example = first_example
+
+    def sampled_targets(self, outputs: torch.Tensor, sample: int, stage: str) -> torch.Tensor:
+        """Labels drawn from the model's output distribution for the current batch (draw_for_batch)."""
+        count = self.loss.uniforms_per_draw(outputs.shape[-1])
+        stream = zlib.crc32(f"{stage}:{sample}".encode())
+        uniforms = example_uniforms(self.options.seed, stream, self._first_example, outputs.shape[0], count)
+        return self.loss.sample_targets(outputs, uniforms)
 
     # Set by estimators that produce every example's score while fitting (one-pass mode).
     precomputed_scores: torch.Tensor | None = None
     # Set by a fit that ran the model forward on every batch in order: the (detached) outputs at
     # theta_s, which the audit then reuses instead of a separate prediction pass.
     batch_outputs: list[torch.Tensor] | None = None
+
+    def probe(self, example: torch.Tensor) -> None:
+        """Decide from two inputs whatever the estimator decides from the model before fitting (which
+        modules get which treatment), as a fit's first batch would (default: nothing to decide)."""
 
     def prepare(self, data: "BatchSource") -> None:
         """Choose a plan for this data before `num_passes` is read (default: nothing to choose)."""
@@ -115,6 +142,7 @@ class Estimator:
         for stage in self.stages:
             total = None
             for b, (x, y) in enumerate(data()):
+                self.draw_for_batch(data.first_example(b))
                 total = add_partials(total, self.accumulate(stage, x, y, None))
                 report(stage, (b + 1) / data.num_batches)
             self.finish(stage, total, data.num_examples)
@@ -145,6 +173,25 @@ class Estimator:
     def describe(self) -> dict:
         """What the summary should say about how the curvature was treated."""
         return {"estimator": self.name, "num_parameters": self.num_parameters, "damping": self.damping}
+
+
+def _splitmix64(x: np.ndarray) -> np.ndarray:
+    """A well-mixed 64-bit hash (Steele et al.'s SplitMix64 finaliser); uint64 arithmetic wraps."""
+    x = x + np.uint64(0x9E3779B97F4A7C15)
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+def example_uniforms(seed: int, stream: int, first_example: int, batch: int, count: int) -> torch.Tensor:
+    """(batch, count) float64 uniforms in (0, 1), a pure function of (seed, stream, example index, j):
+    counter-based like Philox, so no generator state is carried from batch to batch or shard to shard."""
+    with np.errstate(over="ignore"):
+        key = _splitmix64(np.array([seed], dtype=np.uint64) * np.uint64(0x100000001B3) + np.uint64(stream))
+        examples = np.arange(first_example, first_example + batch, dtype=np.uint64)[:, None]
+        counters = examples * np.uint64(count) + np.arange(count, dtype=np.uint64)[None, :]
+        bits = _splitmix64(counters ^ key)
+    return torch.from_numpy(((bits >> np.uint64(11)).astype(np.float64) + 0.5) * 2.0**-53)
 
 
 def add_partials(a: Partial | None, b: Partial) -> Partial:

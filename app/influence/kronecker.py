@@ -710,7 +710,7 @@ class KroneckerEstimator(Estimator):
         samples = max(1, self.options.fisher_samples) if self.options.fisher_samples else 0
         if not self.fallback_names and not self.tables and samples and \
                 all(positions[layer.name] == 1 for layer in self.layers):
-            per_example = sum(layer.d_in + (samples + 1) * layer.d_out for layer in self.layers) * 4
+            per_example = sum(layer.d_in + (len(self.stages) * samples + 1) * layer.d_out for layer in self.layers) * 4
             if per_example * data.num_examples <= self.options.cache_bytes:
                 self.one_pass = self.scores_in_fit = True
                 return
@@ -769,6 +769,7 @@ class KroneckerEstimator(Estimator):
             total = None
             score = self.scores_in_fit and index == len(self.stages) - 1
             for b, (x, y) in enumerate(data()):
+                self.draw_for_batch(data.first_example(b))
                 partial, kept = self._accumulate(stage, x, y, keep_outputs=self.predictions_in_fit and index == 0,
                                                  score_targets=y if score else None)
                 if total is None:
@@ -796,22 +797,28 @@ class KroneckerEstimator(Estimator):
         self.batch_outputs = []  # the forward's outputs, so the audit needs no separate prediction pass
 
         def vectors(outputs, y):
+            # each stage its own labels, as in a pass per stage: the eigenvalue correction is then not
+            # measured on the very samples its eigenbasis was fitted to
             self.batch_outputs.append(outputs)
-            return self._fisher_vectors(outputs) + self._given_vectors(y)(outputs)
+            sampled = [v for stage in self.stages for v in self._fisher_vectors(outputs, stage)]
+            return sampled + self._given_vectors(y)(outputs)
 
+        last = len(self.stages) - 1  # index of the stage whose draws the eigenvalues use
         for b, (x, y) in enumerate(data()):
+            self.draw_for_batch(data.first_example(b))
             sets = list(self._layer_grads(x, lambda outputs: vectors(outputs, y)))
             entry = {}
             for block, _ in sets[0].pairs():
                 layer = block.layer
                 a = block.xs[0][:, 0]  # (B, d_in without the bias column)
-                s_sampled = torch.stack([gs.grads[layer.name][0].reshape(a.shape[0], -1).float() for gs in sets[:-1]])
+                per_stage = [torch.stack([gs.grads[layer.name][0].reshape(a.shape[0], -1).float()
+                                          for gs in sets[i * k:(i + 1) * k]]) for i in range(len(self.stages))]
                 s_given = sets[-1].grads[layer.name][0].reshape(a.shape[0], -1).float()
                 if self.rotate:
                     totals[f"{layer.name}.A"] = totals.get(f"{layer.name}.A", 0) + block.covariance()
-                    flat = s_sampled.reshape(-1, s_sampled.shape[-1])
+                    flat = per_stage[0].reshape(-1, per_stage[0].shape[-1])
                     totals[f"{layer.name}.S"] = totals.get(f"{layer.name}.S", 0) + (flat.T @ flat).double() / k
-                entry[layer.name] = (block, s_sampled, s_given)
+                entry[layer.name] = (block, per_stage[last], s_given)
             cache.append(entry)
             report("one pass", (b + 1) / data.num_batches)
         n = data.num_examples
@@ -846,6 +853,9 @@ class KroneckerEstimator(Estimator):
             layer.workspace.clear()
 
     # ------------------------------------------------------------------ passes over the data
+    def probe(self, example: torch.Tensor) -> None:
+        self._probe(example)
+
     def _probe(self, inputs: torch.Tensor) -> None:
         """Decide once which BatchNorm/LayerNorm/Embedding modules give their per-example gradients from
         hooks: those whose hook gradients on two examples equal torch.func's. A table looked up without a
@@ -956,7 +966,7 @@ class KroneckerEstimator(Estimator):
             for p in self.model.parameters():
                 p.requires_grad_(False)
 
-    def _fisher_vectors(self, outputs):
+    def _fisher_vectors(self, outputs, stage: str):
         """Output gradients whose outer products average to the output Hessian H (so that the
         statistics are the GGN): labels sampled from the model (seeded), or with fisher_samples=0
         the exact expectation, the C rows of R with R^T R = H."""
@@ -964,8 +974,8 @@ class KroneckerEstimator(Estimator):
             root = self.loss.hessian_sqrt(outputs)  # (B, C, C)
             return [(root[:, c, :], None) for c in range(root.shape[1])]
         sets = []
-        for _ in range(self.options.fisher_samples):
-            targets = self.loss.sample_targets(outputs, self.generator)
+        for sample in range(self.options.fisher_samples):
+            targets = self.sampled_targets(outputs, sample, stage)
             sets.append((self.loss.residual(outputs, targets), targets))
         return sets
 
@@ -1004,7 +1014,7 @@ class KroneckerEstimator(Estimator):
         def vectors_fn(outputs):
             if keep_outputs:
                 self.batch_outputs.append(outputs)
-            sets = self._fisher_vectors(outputs) if stage in ("covariance", "eigenvalues") else []
+            sets = self._fisher_vectors(outputs, stage) if stage in ("covariance", "eigenvalues") else []
             return sets + (self._given_vectors(score_targets)(outputs) if score_targets is not None else [])
 
         sets = self._layer_grads(inputs, vectors_fn)
@@ -1160,8 +1170,10 @@ class KroneckerEstimator(Estimator):
                 "tables": [[t.name, t.rows, t.width] for t in self.tables],
                 "fallback": list(self.fallback_names)}
 
-    def fitted_curvature(self) -> FittedCurvature:
-        if not self.stages or not self.layer_damping:
+    def fitted_curvature(self, complete: bool = True) -> FittedCurvature:
+        """complete=False also exports the state between stages (EK-FAC's eigenbases before the
+        eigenvalue correction): what a sharded fit hands to the next stage's shards."""
+        if not self.stages or (complete and not self.layer_damping):
             raise EngineError(f"the '{self.name}' estimator has no fitted curvature to store")
         tensors = {f"{key}/{field}": value for key, st in self.state.items() for field, value in st.items()}
         metadata = {"estimator": self.name, "format": "pbrf-audit blockwise curvature v1",

@@ -54,14 +54,15 @@ class _MatrixFree(Estimator):
         """trace(G) = E||g(y~p)||^2 over labels sampled from the model (exact for fisher_samples=0)."""
         total = 0.0
         for b, (x, y) in enumerate(data()):
+            self.draw_for_batch(data.first_example(b))
             with torch.no_grad():
                 outputs = self.model(x)
             if self.options.fisher_samples == 0:
                 root = self.loss.hessian_sqrt(outputs)
                 vector_sets = [root[:, c, :] for c in range(root.shape[1])]
             else:
-                vector_sets = [self.loss.residual(outputs, self.loss.sample_targets(outputs, self.generator))
-                               for _ in range(self.options.fisher_samples)]
+                vector_sets = [self.loss.residual(outputs, self.sampled_targets(outputs, sample, "trace"))
+                               for sample in range(self.options.fisher_samples)]
             for vectors in vector_sets:
                 def value(p, xi, vi):
                     return (functional_call(self.model, p, (xi.unsqueeze(0),)).reshape(-1) * vi).sum()

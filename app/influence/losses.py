@@ -9,6 +9,8 @@ divergence that the PBRF objective uses in place of the training loss.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -39,9 +41,16 @@ class CrossEntropyOutput:
         p = torch.softmax(outputs, dim=-1)
         return p - F.one_hot(targets.long(), p.shape[-1]).to(p.dtype)
 
-    def sample_targets(self, outputs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-        p = torch.softmax(outputs.detach().double(), dim=-1)
-        draws = torch.multinomial(p.cpu(), 1, generator=generator).squeeze(-1)
+    @staticmethod
+    def uniforms_per_draw(num_outputs: int) -> int:
+        return 1
+
+    def sample_targets(self, outputs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+        """A label per example drawn from softmax(outputs) by inverting its CDF at the example's own
+        uniform (B, 1): the draw depends on the example, not on the batch around it."""
+        p = torch.softmax(outputs.detach().double(), dim=-1).cpu()
+        cdf = p.cumsum(-1)
+        draws = (cdf < uniforms * cdf[:, -1:]).sum(-1).clamp_max(p.shape[-1] - 1)
         return draws.to(outputs.device)
 
     def bregman(self, outputs: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
@@ -69,9 +78,15 @@ class SquaredErrorOutput:
     def residual(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         return outputs - targets.reshape(outputs.shape).to(outputs.dtype)
 
-    def sample_targets(self, outputs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-        noise = torch.randn(outputs.shape, generator=generator, dtype=outputs.dtype)
-        return outputs.detach() + noise.to(outputs.device)
+    @staticmethod
+    def uniforms_per_draw(num_outputs: int) -> int:
+        return 2 * num_outputs
+
+    def sample_targets(self, outputs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+        """outputs + standard normal noise, by Box-Muller from the example's own 2C uniforms."""
+        u1, u2 = uniforms[:, 0::2], uniforms[:, 1::2]
+        noise = torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(2 * math.pi * u2)
+        return outputs.detach() + noise.to(outputs.device, outputs.dtype)
 
     def bregman(self, outputs: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
         return 0.5 * (outputs - reference).pow(2).sum(-1)

@@ -1,0 +1,156 @@
+"""An audit split into shards of rows, so that several workers share one training set.
+
+Each fitting stage of a blockwise estimator is a sum over examples: every shard computes its rows'
+partial sum (`fit_shard`), the partials add (`finish_stage`), and the estimator's state after the stage
+(EK-FAC's eigenbases, then its eigenvalue correction) is handed to the next stage's shards as a
+FittedCurvature. Scoring is per example (`score_shard`); `conclude_sharded` joins the shards' scores in
+row order and flags as one worker's audit would.
+
+Shards are aligned to batches and Fisher labels are drawn per batch from (seed, first example), so a
+sharded audit draws what one worker draws and its scores equal one worker's up to the order in which
+float sums are added. Nothing here knows about workers, queues or files: the caller moves partials.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass
+
+import torch
+
+from .audit import AuditConfig, AuditResult, AuditSetup, Predictions, conclude_audit
+from .base import BatchSource, EngineError, FittedCurvature, Partial, add_partials
+
+SCORES = "scores"  # the last stage of every sharded audit, after the fitting stages
+
+
+def why_not_sharded(config: AuditConfig, setup: AuditSetup) -> str | None:
+    """None when this audit can be split into shards; else why it runs in one worker."""
+    if setup.loo:
+        return "method 'loo' runs in one worker (its confident-learning thresholds need every example at once)"
+    if config.verify_top_k:
+        return "verify_top_k runs in one worker (the PBRF solve uses the whole training set)"
+    if not setup.estimator.stores_curvature:
+        return f"the '{setup.estimator.name}' curvature is fitted in one worker (only blockwise fits are sharded)"
+    return None
+
+
+@dataclass(frozen=True)
+class ShardPlan:
+    """How an audit's rows are cut: the same in every shard task and in the reduce."""
+
+    num_examples: int
+    shard_size: int  # a multiple of batch_size: batches, and so Fisher draws, line up with one worker's
+    batch_size: int
+    fit_stages: tuple[str, ...]  # empty when a stored curvature is reused
+
+    @classmethod
+    def make(cls, setup: AuditSetup, num_examples: int, shard_size: int, fit: bool = True) -> ShardPlan:
+        if shard_size < 1:
+            raise EngineError("shard_size must be at least 1")
+        aligned = max(1, round(shard_size / setup.batch_size)) * setup.batch_size
+        return cls(num_examples=num_examples, shard_size=aligned, batch_size=setup.batch_size,
+                   fit_stages=tuple(setup.estimator.stages) if fit else ())
+
+    @property
+    def num_shards(self) -> int:
+        return max(1, -(-self.num_examples // self.shard_size))
+
+    @property
+    def stages(self) -> tuple[str, ...]:
+        return (*self.fit_stages, SCORES)
+
+    def bounds(self, index: int) -> tuple[int, int]:
+        if not 0 <= index < self.num_shards:
+            raise IndexError(f"shard {index} of {self.num_shards}")
+        start = index * self.shard_size
+        return start, min(self.num_examples, start + self.shard_size)
+
+    def to_dict(self) -> dict:
+        return asdict(self) | {"num_shards": self.num_shards}
+
+    @classmethod
+    def from_dict(cls, value: dict) -> ShardPlan:
+        return cls(num_examples=value["num_examples"], shard_size=value["shard_size"],
+                   batch_size=value["batch_size"], fit_stages=tuple(value["fit_stages"]))
+
+
+def _rows(setup: AuditSetup, plan: ShardPlan, inputs: torch.Tensor, targets: torch.Tensor, index: int) -> BatchSource:
+    start, stop = plan.bounds(index)
+    return BatchSource(inputs[start:stop], targets[start:stop], plan.batch_size, setup.device, offset=start)
+
+
+def _load_state(setup: AuditSetup, inputs: torch.Tensor, state: FittedCurvature | None) -> None:
+    """The fit so far into the estimator; without one, the estimator still decides from two inputs
+    which modules get which treatment, as every shard must decide alike."""
+    if state is not None:
+        setup.estimator.load_curvature(state, inputs[:2].to(setup.device))
+    else:
+        setup.estimator.probe(inputs[:2].to(setup.device))
+
+
+def fit_shard(setup: AuditSetup, plan: ShardPlan, stage: str, index: int, inputs: torch.Tensor,
+              targets: torch.Tensor, state: FittedCurvature | None = None, progress=None) -> Partial:
+    """Shard `index`'s partial sum for a fitting stage; `state`: the fit after the earlier stages.
+    `inputs`, `targets`: the whole training set (only this shard's rows are read)."""
+    if stage not in plan.fit_stages:
+        raise EngineError(f"'{stage}' is not a fitting stage of this audit ({', '.join(plan.fit_stages)})")
+    _load_state(setup, inputs, state)
+    estimator, data = setup.estimator, _rows(setup, plan, inputs, targets, index)
+    total = None
+    for b, (x, y) in enumerate(data()):
+        estimator.draw_for_batch(data.first_example(b))
+        total = add_partials(total, estimator.accumulate(stage, x, y, None))
+        if progress:
+            progress((b + 1) / data.num_batches)
+    return {key: value.detach().cpu() for key, value in total.items()}
+
+
+def finish_stage(setup: AuditSetup, plan: ShardPlan, stage: str, partials: Iterable[Partial], inputs: torch.Tensor,
+                 state: FittedCurvature | None = None) -> FittedCurvature:
+    """Add the shards' partial sums of a stage and fit: the state the next stage's shards start from
+    (after the last stage, the complete curvature, which is what an audit stores). `partials` may be
+    a generator: one shard's sums are in memory at a time besides the total (a ResNet's are GBs)."""
+    _load_state(setup, inputs, state)
+    total, count = None, 0
+    for partial in partials:  # in shard order, so the sum does not depend on which worker finished first
+        total = add_partials(total, {k: v.to(setup.device) for k, v in partial.items()})
+        count += 1
+    if count != plan.num_shards:
+        raise RuntimeError(f"{count} partial sums for {plan.num_shards} shards")  # a bug
+    setup.estimator.finish(stage, total, plan.num_examples)
+    return setup.estimator.fitted_curvature(complete=stage == plan.fit_stages[-1])
+
+
+def score_shard(setup: AuditSetup, plan: ShardPlan, index: int, inputs: torch.Tensor, targets: torch.Tensor,
+                curvature: FittedCurvature, loss_name: str, progress=None) -> dict[str, torch.Tensor]:
+    """Shard `index`'s self-influence and predictions at theta_s, with a complete curvature."""
+    _load_state(setup, inputs, curvature)
+    estimator, data = setup.estimator, _rows(setup, plan, inputs, targets, index)
+    predictions = Predictions(setup.loss, loss_name)
+    parts = []
+    for b, (x, y) in enumerate(data()):
+        with torch.no_grad():
+            predictions.add(setup.model(x), y)
+        parts.append(estimator.self_influence(x, y).double().cpu())
+        if progress:
+            progress((b + 1) / data.num_batches)
+    return {"self_influence": torch.cat(parts), **predictions.tensors(data.num_examples)}
+
+
+def conclude_sharded(config: AuditConfig, setup: AuditSetup, plan: ShardPlan, inputs: torch.Tensor,
+                     targets: torch.Tensor, parts: list[dict[str, torch.Tensor]], curvature: FittedCurvature,
+                     timings: dict[str, float], started: float, curvature_reused: bool) -> AuditResult:
+    """The shards' scores, in row order, flagged and summarised as one worker's audit would be (the
+    curvature is loaded for its damping and description)."""
+    if len(parts) != plan.num_shards:
+        raise RuntimeError(f"{len(parts)} scored shards for {plan.num_shards}")  # a bug
+    joined = {key: torch.cat([part[key] for part in parts]) for key in parts[0]}
+    raw = joined.pop("self_influence")
+    _load_state(setup, inputs, curvature)
+    result = conclude_audit(config, setup, targets, scores=raw, raw=raw, timings=timings, started=started,
+                            curvature_reused=curvature_reused, **joined)
+    result.curvature = curvature
+    result.summary["shards"] = plan.to_dict() | {"seconds": round(time.perf_counter() - started, 4)}
+    return result

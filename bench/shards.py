@@ -1,0 +1,101 @@
+"""Sharded audits: the same EK-FAC audit through the real service with one worker process and with
+two (PBRF_WORKER_CONCURRENCY, one torch thread each on a 2-core machine), plus the same audit in one
+shard for reference. Reports wall-clock seconds (the audit's started_at to finished_at), the speed-up
+of two workers over one, shards per worker, and that the scores agree.
+
+    .venv/bin/python bench/shards.py [--backend postgres_redis|embedded] [--examples 40000] [--shard-size 5000]
+Writes bench/results/shards-<backend>.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import sys
+import tempfile
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from common import ROOT, environment, table, write_result
+
+sys.path.insert(0, str(ROOT))
+from tests.conftest import Service, _service_env, fresh_postgres_database  # noqa: E402
+from tests.helpers import (all_pages, export_onnx, npz_bytes, quick_mlp, synthetic_classification,  # noqa: E402
+                           wait_for_audit)
+
+
+def _seconds(audit: dict) -> float:
+    return (datetime.fromisoformat(audit["finished_at"]) - datetime.fromisoformat(audit["started_at"])).total_seconds()
+
+
+def run_audit(backend: str, workers: int, threads: int, model_path: Path, data: bytes, body: dict, tmp: Path):
+    """Start the service with `workers` worker processes, audit, stop; returns (audit, scores)."""
+    with contextlib.ExitStack() as stack:
+        pg = stack.enter_context(fresh_postgres_database("pbrf_bench")) if backend == "postgres_redis" else None
+        env = _service_env(backend, pg) | {"PBRF_WORKER_CONCURRENCY": str(workers),
+                                           "PBRF_HEARTBEAT_SECONDS": "2", "OMP_NUM_THREADS": str(threads)}
+        service = Service(env, tmp / f"svc-{backend}-{workers}-{body['shard_size']}")
+        service.start()
+        stack.callback(service.stop)
+        with service.client() as client:
+            with open(model_path, "rb") as f:
+                m = client.post("/v1/models", files={"file": ("m.onnx", f)}).json()
+            d = client.post("/v1/datasets", files={"file": ("d.npz", data)}).json()
+            audit = client.post("/v1/audits", json=body | {"model_id": m["id"], "dataset_id": d["id"]}).json()
+            final, _ = wait_for_audit(client, audit["id"], timeout=3600)
+            if final["status"] != "succeeded":
+                raise RuntimeError(f"audit {final['status']}: {final['error']}")
+            scores = np.array([r["score"] for r in all_pages(client, f"/v1/audits/{audit['id']}/scores", limit=10_000)])
+        return final, scores
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--backend", choices=["embedded", "postgres_redis"], default="postgres_redis")
+    parser.add_argument("--examples", type=int, default=40_000)
+    parser.add_argument("--features", type=int, default=64)
+    parser.add_argument("--hidden", type=int, default=256)
+    parser.add_argument("--shard-size", type=int, default=5_000)
+    args = parser.parse_args()
+    tmp = Path(tempfile.mkdtemp(prefix="pbrf-shards-"))
+    inputs, labels = synthetic_classification(n=args.examples, features=args.features, classes=10, seed=3)
+    model = quick_mlp(inputs, labels, hidden=args.hidden, epochs=20)
+    model_path = export_onnx(model, torch.from_numpy(inputs[:2]), tmp / "m.onnx")
+    data = npz_bytes(inputs=inputs, labels=labels)
+    body = {"method": "ekfac", "seed": 1, "batch_size": 500}
+    cores = torch.get_num_threads()
+    runs = [("one worker, one shard", 1, cores, body | {"shard_size": 10**9}),
+            ("one worker, sharded", 1, cores, body | {"shard_size": args.shard_size}),
+            ("two workers, sharded", 2, max(1, cores // 2), body | {"shard_size": args.shard_size})]
+    rows, results = [], {}
+    for name, workers, threads, request in runs:
+        final, scores = run_audit(args.backend, workers, threads, model_path, data, request, tmp)
+        shards = final["summary"].get("shards", {})
+        results[name] = (final, scores)
+        rows.append({"run": name, "worker processes": workers, "threads each": threads,
+                     "shards": shards.get("num_shards", 1), "seconds": _seconds(final),
+                     "shards per worker": ", ".join(str(v) for v in shards.get("shards_per_worker", {}).values()) or "-"})
+        print(rows[-1], flush=True)
+    one = results["one worker, one shard"][1]
+    for row in rows:
+        scores = results[row["run"]][1]
+        row["max rel. score diff vs one shard"] = float(np.abs(scores - one).max() / np.abs(one).max())
+    speedup = rows[1]["seconds"] / rows[2]["seconds"]
+    text = (f"# Sharded audits over worker processes ({args.backend})\n\n"
+            f"EK-FAC audit of an MLP ({args.features}-{args.hidden}-10, tanh) "
+            f"on {args.examples:,} synthetic examples, batch 500, shard_size {args.shard_size:,}, through "
+            f"`pbrf-audit serve` (uvicorn + Celery). Seconds: the audit's started_at to finished_at.\n"
+            f"Environment: {environment()}\n\n"
+            + table(rows, ["run", "worker processes", "threads each", "shards", "seconds", "shards per worker",
+                           "max rel. score diff vs one shard"])
+            + f"\n\nSpeed-up of two workers over one (both sharded): **{speedup:.2f}x**; sharding's own cost on one "
+              f"worker: {rows[1]['seconds'] / rows[0]['seconds']:.2f}x the one-shard run.\n")
+    print(text)
+    print(f"written to {write_result(f'shards-{args.backend}.md', text)}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,75 @@
+"""A sharded audit over two real worker processes scores every example as one worker does.
+
+The service runs with PBRF_WORKER_CONCURRENCY=2 (two prefork pool processes). An audit over more
+than shard_size examples is cut into shards for each step (EK-FAC's covariance and eigenvalue passes,
+then the scores); the audit's own process and the idle one share them. The same audit with a shard
+size above N runs in one process: the scores must agree to float32 rounding (the Fisher labels are
+drawn per example from the seed, whatever the sharding)."""
+
+from __future__ import annotations
+
+import contextlib
+
+import numpy as np
+import pytest
+import sqlalchemy
+import torch
+
+from tests.conftest import Service, _service_env, fresh_postgres_database
+from tests.helpers import (all_pages, export_onnx, npz_bytes, quick_mlp, synthetic_classification, upload_dataset,
+                           upload_model, wait_for_audit)
+
+
+@pytest.fixture(scope="module", params=["embedded", "postgres_redis"])
+def two_workers(request, tmp_path_factory):
+    with contextlib.ExitStack() as stack:
+        pg = stack.enter_context(fresh_postgres_database()) if request.param == "postgres_redis" else None
+        svc = Service(_service_env(request.param, pg) | {"PBRF_WORKER_CONCURRENCY": "2"},
+                      tmp_path_factory.mktemp(f"shards-{request.param}"))
+        svc.kind = request.param
+        svc.start()
+        yield svc
+        svc.stop()
+
+
+def _scores(client, audit_id) -> np.ndarray:
+    return np.array([row["score"] for row in all_pages(client, f"/v1/audits/{audit_id}/scores", limit=10_000)])
+
+
+def test_sharded_audit_over_two_workers_equals_one_workers(two_workers, tmp_path):
+    inputs, labels = synthetic_classification(n=6000, features=32, classes=5, seed=11)
+    model = quick_mlp(inputs, labels, hidden=128, epochs=30)
+    path = export_onnx(model, torch.from_numpy(inputs[:2]), tmp_path / "m.onnx")
+    with two_workers.client() as client:
+        m = upload_model(client, path).json()
+        d = upload_dataset(client, npz_bytes(inputs=inputs, labels=labels)).json()
+        body = {"model_id": m["id"], "dataset_id": d["id"], "method": "ekfac", "seed": 7, "batch_size": 100}
+        sharded = client.post("/v1/audits", json=body | {"shard_size": 500}).json()
+        final, seen = wait_for_audit(client, sharded["id"], timeout=300)
+        assert final["status"] == "succeeded", (final["error"], two_workers.logs()[-4000:])
+        shards = final["summary"]["shards"]
+        assert shards["num_shards"] == 12 and shards["shard_size"] == 500
+        assert shards["fit_stages"] == ["covariance", "eigenvalues"]
+        assert final["params"]["shard_size"] == 500  # recorded as requested
+        assert any("of 12 shards" in (stage or "") for _, stage, _ in seen)  # progress counts shards
+        if two_workers.kind == "postgres_redis":  # Redis hands the announced shards out at once
+            assert len(shards["shards_per_worker"]) == 2, shards
+
+        one = client.post("/v1/audits", json=body | {"shard_size": 1_000_000, "seed": 7}).json()
+        single, _ = wait_for_audit(client, one["id"], timeout=300)
+        assert single["status"] == "succeeded", single["error"]
+        assert "shards" not in single["summary"] and single["params"]["shard_size"] == 1_000_000
+
+        a, b = _scores(client, sharded["id"]), _scores(client, one["id"])
+        assert a.shape == b.shape == (6000,)
+        # the same Fisher labels; float32 statistics summed in another order
+        assert np.abs(a - b).max() <= 1e-5 * np.abs(b).max()
+        assert final["damping"] == pytest.approx(single["damping"], rel=1e-5)
+        flags = all_pages(client, f"/v1/audits/{sharded['id']}/flags", limit=500)
+        assert len(flags) == 600 and flags[0]["index"] == int(np.argmax(a))
+    # the shard rows go with the audit's end (their partial files become garbage)
+    url = two_workers.env.get("PBRF_DATABASE_URL") or f"sqlite:///{two_workers.data_dir / 'pbrf-audit.db'}"
+    engine = sqlalchemy.create_engine(url)
+    with engine.connect() as connection:
+        assert connection.execute(sqlalchemy.text("SELECT count(*) FROM audit_shard")).scalar() == 0
+    engine.dispose()
