@@ -9,6 +9,9 @@ drawn per example from the seed, whatever the sharding)."""
 from __future__ import annotations
 
 import contextlib
+import os
+import signal
+import time
 
 import numpy as np
 import pytest
@@ -53,7 +56,8 @@ def test_sharded_audit_over_two_workers_equals_one_workers(two_workers, tmp_path
         assert final["params"]["shard_size"] == 500  # recorded as requested
         assert any("of 12 shards" in (stage or "") for _, stage, _ in seen)  # progress counts shards
         if two_workers.kind == "postgres_redis":  # Redis hands the announced shards out at once
-            assert len(shards["shards_per_worker"]) == 2, shards
+            assert len(shards["shards_per_process"]) >= 2, shards  # the audit's process and the other worker's
+        assert shards["shard_runs"] == 3 * 12
 
         one = client.post("/v1/audits", json=body | {"shard_size": 1_000_000, "seed": 7}).json()
         single, _ = wait_for_audit(client, one["id"], timeout=300)
@@ -68,8 +72,68 @@ def test_sharded_audit_over_two_workers_equals_one_workers(two_workers, tmp_path
         flags = all_pages(client, f"/v1/audits/{sharded['id']}/flags", limit=500)
         assert len(flags) == 600 and flags[0]["index"] == int(np.argmax(a))
     # the shard rows go with the audit's end (their partial files become garbage)
-    url = two_workers.env.get("PBRF_DATABASE_URL") or f"sqlite:///{two_workers.data_dir / 'pbrf-audit.db'}"
-    engine = sqlalchemy.create_engine(url)
+    engine = _database(two_workers)
     with engine.connect() as connection:
         assert connection.execute(sqlalchemy.text("SELECT count(*) FROM audit_shard")).scalar() == 0
     engine.dispose()
+
+
+def _database(service):
+    url = service.env.get("PBRF_DATABASE_URL") or f"sqlite:///{service.data_dir / 'pbrf-audit.db'}"
+    return sqlalchemy.create_engine(url)
+
+
+def test_a_killed_shard_is_run_again_alone(two_workers, tmp_path):
+    """SIGKILL the worker process running a shard (as the OOM killer would): that shard is claimed
+    again (its process is gone) and the audit succeeds; no other shard runs twice. On Redis only: the
+    filesystem broker's polling hands the second worker its first shard after the audit's own worker
+    has taken most of them."""
+    if two_workers.kind != "postgres_redis":
+        pytest.skip("needs a broker that delivers the announced shards at once")
+    inputs, labels = synthetic_classification(n=12000, features=64, classes=5, seed=12)
+    model = quick_mlp(inputs, labels, hidden=256, epochs=10)
+    path = export_onnx(model, torch.from_numpy(inputs[:2]), tmp_path / "m.onnx")
+    engine = _database(two_workers)
+    try:
+        with two_workers.client() as client:
+            m = upload_model(client, path).json()
+            d = upload_dataset(client, npz_bytes(inputs=inputs, labels=labels)).json()
+            audit = client.post("/v1/audits", json={"model_id": m["id"], "dataset_id": d["id"], "method": "ekfac",
+                                                    "batch_size": 250, "shard_size": 1000}).json()
+            audit_key = audit["id"] if two_workers.kind == "postgres_redis" else audit["id"].replace("-", "")
+            kills, deadline = 0, time.monotonic() + 120
+            while kills == 0 and time.monotonic() < deadline:
+                owner = client.get(f"/v1/audits/{audit['id']}").json()["worker"]
+                with engine.connect() as connection:
+                    running = connection.execute(sqlalchemy.text(
+                        "SELECT id, worker, claim_token FROM audit_shard WHERE status = 'running' AND audit_id = :a"),
+                        {"a": audit_key}).all()
+                if not owner:
+                    continue
+                owner_pid = int(owner.rsplit(":", 1)[1])
+                for shard_id, worker, token in running:
+                    pid = int(worker.rsplit(":", 1)[1])
+                    try:
+                        parent = int(open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[1])
+                    except OSError:
+                        continue
+                    if owner_pid in (pid, parent):
+                        continue  # the audit's own process: killing it would restart the audit
+                    os.kill(pid, signal.SIGKILL)  # the other worker's process, mid-shard
+                    time.sleep(0.3)
+                    with engine.connect() as connection:
+                        status, now = connection.execute(sqlalchemy.text(
+                            "SELECT status, claim_token FROM audit_shard WHERE id = :i"), {"i": shard_id}).one()
+                    # it may have finished just before the signal: then it was not killed mid-shard
+                    kills += not (status == "succeeded" and now == token)
+                    break
+                time.sleep(0.02)
+            assert kills == 1, "no shard could be killed on the second worker process"
+            final, _ = wait_for_audit(client, audit["id"], timeout=300)
+            assert final["status"] == "succeeded", (final["error"], two_workers.logs()[-4000:])
+            shards = final["summary"]["shards"]
+            assert shards["num_shards"] == 12
+            assert shards["shard_runs"] == 3 * 12 + kills, shards  # every shard once, the killed one twice
+            assert final["attempts"] == 1  # the audit itself was never restarted
+    finally:
+        engine.dispose()

@@ -30,6 +30,8 @@ def make_celery(settings: Settings) -> Celery:
             "control_folder": str(queue / "control"),
             "processed_folder": str(queue / "processed"),
             "store_processed": False,
+            # kombu's default is a listing per second: a sharded audit's announced shards would wait
+            "polling_interval": 0.2,
         }
     app.conf.update(
         broker_url=settings.broker_url,

@@ -603,9 +603,11 @@ def _run_sharded(audit_id: uuid.UUID, tenant: str, settings: Settings, factory: 
     with factory() as session:
         workers = dict(session.execute(select(AuditShard.worker, func.count()).where(AuditShard.audit_id == audit_id)
                                        .group_by(AuditShard.worker)).all())
+        runs = session.scalar(select(func.sum(AuditShard.attempts)).where(AuditShard.audit_id == audit_id))
     result = sharding.conclude_sharded(config, set_up_audit(model, inputs, labels, config), plan, inputs, labels,
                                        parts, state, timings, started, stored is not None)
-    result.summary["shards"]["shards_per_worker"] = {str(k): int(v) for k, v in workers.items()}
+    result.summary["shards"]["shards_per_process"] = {str(k): int(v) for k, v in workers.items()}
+    result.summary["shards"]["shard_runs"] = int(runs or 0)  # above steps x shards: some were run again
     return result
 
 
@@ -621,6 +623,8 @@ def run_shard_job(shard_id: uuid.UUID, settings: Settings, factory: sessionmaker
 
 
 def _shard_attempt(shard_id: uuid.UUID, token: str, settings: Settings, factory: sessionmaker) -> str:
+    """Run the claimed shard; then, with the model and data loaded, take this step's other queued
+    shards while there are any (loading costs more than a small shard's work)."""
     with factory() as session:
         shard = session.get(AuditShard, shard_id)
         audit = session.get(Audit, shard.audit_id)
@@ -628,19 +632,40 @@ def _shard_attempt(shard_id: uuid.UUID, token: str, settings: Settings, factory:
         dataset_row = session.get(DatasetArtifact, audit.dataset_id)
         plan, step, index, input_sha = sharding.ShardPlan.from_dict(shard.plan), shard.step, shard.shard_index, \
             shard.input_sha256
+        audit_id = shard.audit_id
         config = _audit_config(audit.method, audit.damping_requested, dict(audit.params or {}), settings)
     store = ArtifactStore(settings.storage_dir)
     try:
         loaded, dataset, inputs = _load_training_set(store, model_row, dataset_row, settings)
         state = FittedCurvature.from_bytes(store.path_for(input_sha).read_bytes()) if input_sha else None
-        sha, seconds = _compute_shard(store, loaded.module, config, plan, step, index, torch.from_numpy(inputs),
-                                      torch.from_numpy(dataset.labels), state)
+        inputs_t, labels_t = torch.from_numpy(inputs), torch.from_numpy(dataset.labels)
+        sha, seconds = _compute_shard(store, loaded.module, config, plan, step, index, inputs_t, labels_t, state)
         _shard_done(factory, shard_id, token, sha, seconds)
-        return "succeeded"
     except JobLost:
         return "lost"
     except Exception as exc:
         return _failed(exc, AuditShard, shard_id, token, settings, factory)
+    worker_name = f"{socket.gethostname()}:{os.getpid()}"  # this process: a claim dies with it
+    while True:
+        with factory() as session:
+            queued = select(AuditShard.id, AuditShard.shard_index).where(
+                AuditShard.audit_id == audit_id, AuditShard.step == step, AuditShard.status == "queued")
+            following = session.execute(queued.order_by(AuditShard.shard_index).limit(1)).first()
+            if following is None:
+                return "succeeded"
+            extra = claim(session, following.id, worker_name, settings.stale_after_seconds, table=AuditShard)
+        if extra is None:
+            continue  # another worker was quicker
+        try:
+            with Heartbeat(factory, following.id, extra, settings.heartbeat_seconds, table=AuditShard):
+                sha, seconds = _compute_shard(store, loaded.module, config, plan, step, following.shard_index,
+                                              inputs_t, labels_t, state)
+            _shard_done(factory, following.id, extra, sha, seconds)
+        except JobLost:
+            return "succeeded"  # the audit ended meanwhile; the shard this task was sent for is done
+        except Exception as exc:
+            _failed(exc, AuditShard, following.id, extra, settings, factory)
+            return "succeeded"
 
 
 def run_attribution_job(attribution_id: uuid.UUID, settings: Settings, factory: sessionmaker,
