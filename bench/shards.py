@@ -77,7 +77,7 @@ def main() -> None:
         results[name] = (final, scores)
         rows.append({"run": name, "worker processes": workers, "threads each": threads,
                      "shards": shards.get("num_shards", 1), "seconds": _seconds(final),
-                     "shards per worker": ", ".join(str(v) for v in shards.get("shards_per_worker", {}).values()) or "-"})
+                     "shards per worker": ", ".join(str(v) for v in shards.get("shards_per_process", {}).values()) or "-"})
         print(rows[-1], flush=True)
     one = results["one worker, one shard"][1]
     for row in rows:
