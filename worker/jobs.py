@@ -291,7 +291,9 @@ def _confined(table, job_id: uuid.UUID, token: str, settings: Settings, factory:
                     break
                 if heartbeat.lost.is_set():
                     reason = "lost"
-                elif time.monotonic() - started > settings.task_soft_time_limit:
+                elif time.monotonic() - started > settings.task_soft_time_limit + 1:
+                    # a backstop a second after Celery's own soft limit, which normally fires first: both at
+                    # once would interrupt the failure's own write
                     reason = "time limit"
                 if reason:
                     os.kill(pid, signal.SIGKILL)
@@ -742,7 +744,9 @@ def reap(factory: sessionmaker, settings: Settings, send, table=Audit) -> list[u
             guard = [table.id == audit.id, table.status == "running", table.claim_token == audit.claim_token]
             if not dead_here:
                 guard.append(table.heartbeat_at < stale)  # a heartbeat since the SELECT means it is alive
-            session.execute(update(table).where(*guard).values(**values))
+            # not evaluated against the loaded rows: SQLite gives them back without a time zone
+            session.execute(update(table).where(*guard).values(**values)
+                            .execution_options(synchronize_session=False))
         session.commit()
         # A message counts as lost when it was never sent, or was sent long ago while no worker is busy
         # (a busy worker means the queue is simply waiting: re-sending then would only pile up duplicates).
