@@ -470,21 +470,17 @@ def _audit_config(method: str, damping: float | None, params: dict, settings: Se
 # An audit over more than shard_size examples is cut into shards (app/influence/shards.py). For each
 # step (the estimator's fitting stages, then the scores) the audit's own attempt makes one AuditShard
 # row per shard, sends a message per shard so that idle workers join in, and itself claims and runs
-# shards until none is left to take; then it waits for those other workers hold and reduces. The rows
+# shards until none is left to take; then it waits for the shards other workers hold, and reduces. The rows
 # are the truth, as for audits: a shard is claimed by compare-and-set, heartbeats while it runs, and a
 # shard whose process died is claimed again (by the coordinator, or by a later attempt of the audit,
 # which keeps every shard already done). No Celery result backend or chord is needed.
 
 def _shard_bytes(tensors: dict[str, torch.Tensor]) -> bytes:
-    from safetensors.torch import save
-
-    return save({k: v.detach().cpu().contiguous() for k, v in tensors.items()})
+    return FittedCurvature(tensors, {}).to_bytes()  # the same safetensors file as a stored curvature
 
 
 def _shard_tensors(store: ArtifactStore, sha: str) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load
-
-    return load(store.path_for(sha).read_bytes())
+    return FittedCurvature.from_bytes(store.path_for(sha).read_bytes()).tensors
 
 
 def _compute_shard(store: ArtifactStore, model, config: AuditConfig, plan: sharding.ShardPlan, step: str, index: int,
