@@ -21,6 +21,8 @@ from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
+import onnx  # noqa: F401
+import onnx2pytorch  # noqa: F401  imported once per worker, not in every job's child (torchvision: ~0.4 s)
 import torch
 from sqlalchemy import and_, delete, func, insert, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
@@ -257,16 +259,14 @@ def _memory_text(kind: str, settings: Settings) -> str:
             "suggests; a smaller batch_size may fit")
 
 
-def _confined(table, job_id: uuid.UUID, token: str, settings: Settings, factory: sessionmaker, attempt) -> str:
-    """Run `attempt()` (loading the model, the engine, writing the results; returns a status) in a child
-    forked for this attempt, while this process heartbeats and watches. A cancel (or another attempt
-    taking the job) or the wall-clock limit PBRF_TASK_SOFT_TIME_LIMIT kills the child at once, even in
-    the middle of one long forward pass of a hostile model, and the worker is free for the next job. A
-    child that dies on its own (the kernel's OOM killer, a crash in native code) puts the job back for
-    another attempt, or fails it after MAX_ATTEMPTS. The model's memory and GPU state go with the child.
+def _run_in_child(settings: Settings, factory: sessionmaker, attempt, lost: threading.Event) -> tuple[str | None, int]:
+    """Run `attempt()` (returns a status) in a child forked for it, while this process watches: when
+    `lost` is set (set by a heartbeat or watcher thread of the caller) or the wall-clock limit passes,
+    the child is killed at once, even in the middle of one long forward pass of a hostile model.
+    Returns (why it was stopped: "lost", "time limit" or None, the child's exit code).
 
-    Forked before this process starts any thread or touches torch's thread pools (it never computes):
-    the child starts clean."""
+    Forked before this process starts any computation or touches torch's thread pools (it never
+    computes): the child starts clean, and the model's memory and GPU state go with it."""
     started = time.monotonic()
     pid = os.fork()
     if pid == 0:
@@ -281,31 +281,40 @@ def _confined(table, job_id: uuid.UUID, token: str, settings: Settings, factory:
             traceback.print_exc()
         finally:
             os._exit(code)
-    kind = table.__tablename__
     reason = None
+    try:
+        while True:
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                break
+            if lost.is_set():
+                reason = "lost"
+            elif time.monotonic() - started > settings.task_soft_time_limit + 1:
+                # a backstop a second after Celery's own soft limit, which normally fires first: both at
+                # once would interrupt the failure's own write
+                reason = "time limit"
+            if reason:
+                os.kill(pid, signal.SIGKILL)
+                _, status = os.waitpid(pid, 0)
+                break
+            time.sleep(0.1)
+    except BaseException as exc:  # Celery's own time limit, or a worker shutdown: the child goes too
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        if type(exc).__name__ != "SoftTimeLimitExceeded":
+            raise
+        reason, status = "time limit", 0
+    return reason, os.waitstatus_to_exitcode(status)
+
+
+def _confined(table, job_id: uuid.UUID, token: str, settings: Settings, factory: sessionmaker, attempt) -> str:
+    """Run a claimed job's attempt in a child (_run_in_child) while this process heartbeats its row. A
+    cancel (or another attempt taking the job) or the wall-clock limit PBRF_TASK_SOFT_TIME_LIMIT kills
+    the child, and the worker is free for the next job. A child that dies on its own (the kernel's OOM
+    killer, a crash in native code) puts the job back for another attempt, or fails it after MAX_ATTEMPTS."""
+    kind = table.__tablename__
     with Heartbeat(factory, job_id, token, settings.heartbeat_seconds, table=table) as heartbeat:
-        try:
-            while True:
-                done, status = os.waitpid(pid, os.WNOHANG)
-                if done:
-                    break
-                if heartbeat.lost.is_set():
-                    reason = "lost"
-                elif time.monotonic() - started > settings.task_soft_time_limit + 1:
-                    # a backstop a second after Celery's own soft limit, which normally fires first: both at
-                    # once would interrupt the failure's own write
-                    reason = "time limit"
-                if reason:
-                    os.kill(pid, signal.SIGKILL)
-                    _, status = os.waitpid(pid, 0)
-                    break
-                time.sleep(0.1)
-        except BaseException as exc:  # Celery's own time limit, or a worker shutdown: the child goes too
-            os.kill(pid, signal.SIGKILL)
-            os.waitpid(pid, 0)
-            if type(exc).__name__ != "SoftTimeLimitExceeded":
-                raise
-            reason = "time limit"
+        reason, code = _run_in_child(settings, factory, attempt, heartbeat.lost)
     if reason == "lost":
         log.info("%s %s was cancelled or re-claimed; its process was stopped", kind, job_id)
         return "lost"
@@ -313,7 +322,6 @@ def _confined(table, job_id: uuid.UUID, token: str, settings: Settings, factory:
         _fail(factory, job_id, token, f"the {kind} exceeded its time limit of {settings.task_soft_time_limit} s "
               "(PBRF_TASK_SOFT_TIME_LIMIT)", table)
         return "failed"
-    code = os.waitstatus_to_exitcode(status)
     for name, value in ATTEMPT_EXIT_CODES.items():
         if code == value:
             return name
@@ -543,12 +551,19 @@ def _drain_step(factory: sessionmaker, settings: Settings, audit_id: uuid.UUID, 
     while True:
         with factory() as session:
             rows = session.execute(select(AuditShard.id, AuditShard.shard_index, AuditShard.status, AuditShard.error,
-                                          AuditShard.result_sha256).where(AuditShard.audit_id == audit_id,
-                                                                          AuditShard.step == step)
+                                          AuditShard.result_sha256, AuditShard.attempts, AuditShard.worker,
+                                          AuditShard.heartbeat_at)
+                                   .where(AuditShard.audit_id == audit_id, AuditShard.step == step)
                                    .order_by(AuditShard.shard_index)).all()
+        stale = utcnow() - timedelta(seconds=settings.stale_after_seconds)
         for row in rows:
             if row.status in ("failed", "cancelled"):
                 raise EngineError(f"shard {row.shard_index + 1} of {len(rows)} ({step}) {row.status}: {row.error}")
+            lost = row.status == "running" and (_dead_local_worker(row.worker) or (
+                row.heartbeat_at is not None and as_utc(row.heartbeat_at) < stale))
+            if lost and row.attempts >= MAX_ATTEMPTS:  # no claim would take it again
+                raise EngineError(f"shard {row.shard_index + 1} of {len(rows)} ({step}): the process running it died "
+                                  f"{row.attempts} times (out of memory, or a crash in the model's native code)")
         done = sum(row.status == "succeeded" for row in rows)
         report(done, len(rows))
         if done == len(rows):
@@ -609,60 +624,124 @@ def _run_sharded(audit_id: uuid.UUID, tenant: str, settings: Settings, factory: 
     return result
 
 
+# How long a helper's process stays up without a shard to run: the coordinator's reduce between
+# steps (an eigendecomposition per layer) is usually shorter, and staying saves reloading the model
+# and the data for the next step. It leaves at once when another job is waiting for a worker.
+HELPER_IDLE_SECONDS = 20.0
+
+
+class AuditWatch:
+    """A helper's watch on the audit it helps: `lost` is set once the audit is no longer running
+    (cancelled, failed, finished, deleted), and the helper's process is then stopped."""
+
+    def __init__(self, factory: sessionmaker, audit_id: uuid.UUID, interval: float):
+        self.factory, self.audit_id, self.interval = factory, audit_id, interval
+        self.lost = threading.Event()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+    def _run(self):
+        while not self._stop.wait(self.interval):
+            try:
+                with self.factory() as session:
+                    if session.scalar(select(Audit.status).where(Audit.id == self.audit_id)) != "running":
+                        self.lost.set()
+            except Exception:
+                log.exception("watch of audit %s failed", self.audit_id)
+
+
+def _next_queued_shard(session: Session, audit_id: uuid.UUID):
+    """The audit's queued shard with the lowest index (only one step has queued shards at a time)."""
+    return session.execute(select(AuditShard.id, AuditShard.shard_index, AuditShard.step, AuditShard.plan,
+                                  AuditShard.input_sha256)
+                           .where(AuditShard.audit_id == audit_id, AuditShard.status == "queued")
+                           .order_by(AuditShard.shard_index).limit(1)).first()
+
+
+def _job_waiting(session: Session) -> bool:
+    """Another audit or attribution is queued: a helper gives its worker back to it."""
+    return any(session.scalar(select(table.id).where(table.status == "queued").limit(1)) is not None
+               for table in (Audit, Attribution))
+
+
 def run_shard_job(shard_id: uuid.UUID, settings: Settings, factory: sessionmaker, worker_name: str | None = None) -> str:
-    """Take one shard of a running sharded audit, if nobody has (its audit's attempt may have run it
-    already), in a child process like any job."""
+    """Help the sharded audit that announced this shard: in a child process, load its model and data
+    once and run its queued shards, step after step, until it has none left to give (see _help_audit).
+    The audit's own attempt runs whatever no helper took. Returns "skipped" when there is nothing to take."""
     with factory() as session:
         shard = session.get(AuditShard, shard_id)
-        running = shard is not None and session.scalar(select(Audit.status).where(Audit.id == shard.audit_id)) == "running"
-    if not running:
+        audit_id = shard.audit_id if shard is not None else None
+        wanted = (audit_id is not None
+                  and session.scalar(select(Audit.status).where(Audit.id == audit_id)) == "running"
+                  and _next_queued_shard(session, audit_id) is not None)
+    if not wanted:
         return "skipped"
-    return _claim_and_run(AuditShard, shard_id, settings, factory, worker_name, _shard_attempt)
+    with AuditWatch(factory, audit_id, settings.heartbeat_seconds) as watch:
+        reason, code = _run_in_child(settings, factory, lambda: _help_audit(audit_id, settings, factory), watch.lost)
+    # A shard this helper held when it stopped or died is claimed again at once by the audit's attempt
+    # (its holder is a dead process on this host) or after its heartbeat goes stale (another host).
+    if reason is not None:
+        log.info("helper of audit %s stopped (%s)", audit_id, reason)
+        return "lost" if reason == "lost" else "failed"
+    return next((name for name, value in ATTEMPT_EXIT_CODES.items() if code == value), "died")
 
 
-def _shard_attempt(shard_id: uuid.UUID, token: str, settings: Settings, factory: sessionmaker) -> str:
-    """Run the claimed shard; then, with the model and data loaded, take this step's other queued
-    shards while there are any (loading costs more than a small shard's work)."""
+def _help_audit(audit_id: uuid.UUID, settings: Settings, factory: sessionmaker) -> str:
+    """The helper's child: claim and run the audit's queued shards while the audit runs; wait up to
+    HELPER_IDLE_SECONDS for the next step's; leave at a shard boundary when another job is waiting."""
+    started = time.monotonic()
     with factory() as session:
-        shard = session.get(AuditShard, shard_id)
-        audit = session.get(Audit, shard.audit_id)
+        audit = session.get(Audit, audit_id)
         model_row = session.get(ModelArtifact, audit.model_id)
         dataset_row = session.get(DatasetArtifact, audit.dataset_id)
-        plan, step, index, input_sha = sharding.ShardPlan.from_dict(shard.plan), shard.step, shard.shard_index, \
-            shard.input_sha256
-        audit_id = shard.audit_id
         config = _audit_config(audit.method, audit.damping_requested, dict(audit.params or {}), settings)
     store = ArtifactStore(settings.storage_dir)
     try:
         loaded, dataset, inputs = _load_training_set(store, model_row, dataset_row, settings)
-        state = FittedCurvature.from_bytes(store.path_for(input_sha).read_bytes()) if input_sha else None
-        inputs_t, labels_t = torch.from_numpy(inputs), torch.from_numpy(dataset.labels)
-        sha, seconds = _compute_shard(store, loaded.module, config, plan, step, index, inputs_t, labels_t, state)
-        _shard_done(factory, shard_id, token, sha, seconds)
-    except JobLost:
-        return "lost"
-    except Exception as exc:
-        return _failed(exc, AuditShard, shard_id, token, settings, factory)
+    except Exception:  # the audit's own attempt loaded the same bytes and will say what is wrong
+        log.exception("helper of audit %s could not load its model or data", audit_id)
+        return "failed"
+    inputs_t, labels_t = torch.from_numpy(inputs), torch.from_numpy(dataset.labels)
+    log.info("helper of audit %s loaded its model and data in %.2f s", audit_id, time.monotonic() - started)
     worker_name = f"{socket.gethostname()}:{os.getpid()}"  # this process: a claim dies with it
+    state_sha, state = None, None
+    idle_since = None
     while True:
         with factory() as session:
-            queued = select(AuditShard.id, AuditShard.shard_index).where(
-                AuditShard.audit_id == audit_id, AuditShard.step == step, AuditShard.status == "queued")
-            following = session.execute(queued.order_by(AuditShard.shard_index).limit(1)).first()
-            if following is None:
+            if session.scalar(select(Audit.status).where(Audit.id == audit_id)) != "running" or _job_waiting(session):
                 return "succeeded"
-            extra = claim(session, following.id, worker_name, settings.stale_after_seconds, table=AuditShard)
-        if extra is None:
+            shard = _next_queued_shard(session, audit_id)
+            token = None if shard is None else claim(session, shard.id, worker_name, settings.stale_after_seconds,
+                                                     table=AuditShard)
+        if shard is None:
+            idle_since = idle_since or time.monotonic()
+            if time.monotonic() - idle_since > HELPER_IDLE_SECONDS:
+                return "succeeded"
+            time.sleep(0.2)
+            continue
+        idle_since = None
+        if token is None:
             continue  # another worker was quicker
         try:
-            with Heartbeat(factory, following.id, extra, settings.heartbeat_seconds, table=AuditShard):
-                sha, seconds = _compute_shard(store, loaded.module, config, plan, step, following.shard_index,
-                                              inputs_t, labels_t, state)
-            _shard_done(factory, following.id, extra, sha, seconds)
+            if shard.input_sha256 != state_sha:
+                state_sha = shard.input_sha256
+                state = FittedCurvature.from_bytes(store.path_for(state_sha).read_bytes()) if state_sha else None
+            with Heartbeat(factory, shard.id, token, settings.heartbeat_seconds, table=AuditShard):
+                sha, seconds = _compute_shard(store, loaded.module, config, sharding.ShardPlan.from_dict(shard.plan),
+                                              shard.step, shard.shard_index, inputs_t, labels_t, state)
+            _shard_done(factory, shard.id, token, sha, seconds)
         except JobLost:
-            return "succeeded"  # the audit ended meanwhile; the shard this task was sent for is done
-        except Exception as exc:
-            _failed(exc, AuditShard, following.id, extra, settings, factory)
+            continue  # the audit ended or re-claimed the shard: the loop's next check decides
+        except Exception as exc:  # the shard fails, and the audit's attempt fails the audit with its error
+            _failed(exc, AuditShard, shard.id, token, settings, factory)
             return "succeeded"
 
 
