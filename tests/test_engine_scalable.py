@@ -582,3 +582,48 @@ def test_run_attribution_takes_a_stored_curvature_and_gives_the_same_ranking():
     torch.testing.assert_close(found.harmful_scores, -(-full).topk(4, dim=1).values, rtol=1e-5, atol=1e-10)
     with pytest.raises(EngineError):
         run_attribution(model, x, y, x[:3], y[:3], FittedCurvature({}, {"estimator": "exact"}))
+
+
+@pytest.mark.parametrize("method", ["exact", "lanczos"])
+def test_a_stored_full_vector_curvature_scores_and_attributes_as_the_fit_that_made_it(method):
+    """exact (its Cholesky factor) and lanczos (its Ritz pairs, with the weight decay it was fitted
+    with) store their fit like the blockwise estimators: the stored bytes score as the audit that
+    fitted them with no fitting pass, and precondition queries through `solve`: the cross-influence of
+    a batch with itself is symmetric with the self-influence on its diagonal, and a query that copies
+    the most self-influential training example finds it first among the helpful."""
+    from app.influence import FittedCurvature
+    from app.influence.attribution import run_attribution
+
+    model, x, y = tiny_problem(n=80, d=4, hidden=6)
+    config = AuditConfig(method=method, weight_decay=1e-3, lanczos_rank=12)
+    fitted = run_audit(model, x, y, config)
+    stored = FittedCurvature.from_bytes(fitted.curvature.to_bytes())
+    assert stored.metadata["estimator"] == method and stored.num_bytes > 0
+    stages = []
+    again = run_audit(model, x, y, AuditConfig(method=method), curvature=stored,
+                      progress=lambda stage, f: stages.append(stage))
+    assert set(stages) <= {"predictions", "scores"} and again.summary["curvature_reused"]
+    torch.testing.assert_close(again.scores, fitted.scores, rtol=1e-9, atol=0)  # float64 all the way
+    est = make_estimator(method, model, CrossEntropyOutput(), EstimatorOptions(), torch.device("cpu"))
+    est.load_curvature(stored, x[:2])
+    matrix = est.cross_influence(x[:10], y[:10], est.precondition_queries(x[:10], y[:10]))
+    torch.testing.assert_close(matrix, matrix.T, rtol=1e-9, atol=1e-12 * float(matrix.abs().max()))
+    torch.testing.assert_close(matrix.diagonal(), est.self_influence(x[:10], y[:10]), rtol=1e-9, atol=0)
+    top = int(fitted.flagged[0])
+    found = run_attribution(model, x, y, x[top : top + 1], y[top : top + 1], stored, top_k=3, batch_size=32)
+    assert int(found.helpful[0, 0]) == top
+    smaller = nn.Sequential(nn.Linear(4, 3)).eval()
+    with pytest.raises(EngineError, match="another structure"):
+        run_audit(smaller, x, y, AuditConfig(method=method), curvature=stored)
+
+
+def test_lanczos_at_full_rank_preconditions_as_the_exact_curvature():
+    """solve() of a full-rank Lanczos fit on loss gradients (what attribution solves) is the exact
+    damped-GGN solve, with weight decay; to the precision of test_lanczos_with_full_rank_matches_exact
+    (Lanczos stops once its Krylov space is invariant)."""
+    model, x, y = tiny_problem(n=60, d=3, hidden=4)
+    exact = fit("exact", model, x, y, damping=1e-2, weight_decay=1e-3)
+    lanczos = fit("lanczos", model, x, y, damping=1e-2, weight_decay=1e-3, lanczos_rank=exact.num_parameters)
+    gradients = next(exact.loss_gradients(x[:5], y[:5])).double()
+    expected = exact.solve(gradients)
+    assert float((lanczos.solve(gradients) - expected).norm() / expected.norm()) < 1e-4

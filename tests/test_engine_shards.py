@@ -93,9 +93,23 @@ def test_sampled_labels_follow_the_model_distribution():
     assert torch.equal(example_uniforms(3, 0, 100, 50, 1), uniforms[100:150])  # a batch is a slice
 
 
+def test_a_sharded_exact_fit_equals_one_workers():
+    """The exact GGN is a float64 sum of per-shard partial sums like any staged fit."""
+    model, inputs, labels = _mlp_case()
+    config = AuditConfig(method="exact", batch_size=32)
+    one = run_audit(model, inputs, labels, config)
+    plan, sharded = _sharded(model, inputs, labels, config, shard_size=70)
+    assert plan.fit_stages == ("ggn",) and plan.num_shards == 11
+    # float64 sums of float32 Jacobian products, added in another order
+    torch.testing.assert_close(sharded.scores, one.scores, rtol=1e-9, atol=0)
+    assert sharded.damping == pytest.approx(one.damping, rel=1e-12)
+
+
 def test_methods_that_need_every_example_at_once_are_not_sharded():
     model, inputs, labels = _mlp_case()
-    for config in (AuditConfig(method="loo"), AuditConfig(method="ekfac", verify_top_k=3), AuditConfig(method="exact")):
+    for config in (AuditConfig(method="loo"), AuditConfig(method="ekfac", verify_top_k=3),
+                   AuditConfig(method="lanczos"), AuditConfig(method="cg")):
         assert shards.why_not_sharded(config, set_up_audit(model, inputs, labels, config)) is not None
-    config = AuditConfig(method="ekfac")
-    assert shards.why_not_sharded(config, set_up_audit(model, inputs, labels, config)) is None
+    for method in ("ekfac", "exact"):
+        config = AuditConfig(method=method)
+        assert shards.why_not_sharded(config, set_up_audit(model, inputs, labels, config)) is None

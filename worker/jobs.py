@@ -483,6 +483,15 @@ def _audit_config(method: str, damping: float | None, params: dict, settings: Se
 # shard whose process died is claimed again (by the coordinator, or by a later attempt of the audit,
 # which keeps every shard already done). No Celery result backend or chord is needed.
 
+# How long a helper's process stays up without a shard to run: the coordinator's reduce between
+# steps (an eigendecomposition per layer) is usually shorter, and staying saves reloading the model
+# and the data for the next step. It leaves at once when another job is waiting for a worker.
+HELPER_IDLE_SECONDS = 20.0
+# How often a sharded audit's processes look for shards to take or finished: every poll is one small
+# indexed query, and a step's last shard or the next step's first is otherwise taken this much late.
+SHARD_POLL_SECONDS = 0.05
+
+
 def _shard_bytes(tensors: dict[str, torch.Tensor]) -> bytes:
     return FittedCurvature(tensors, {}).to_bytes()  # the same safetensors file as a stored curvature
 
@@ -581,7 +590,7 @@ def _drain_step(factory: sessionmaker, settings: Settings, audit_id: uuid.UUID, 
                 ran = True
                 break
         if not ran:
-            time.sleep(0.2)  # the others are running elsewhere
+            time.sleep(SHARD_POLL_SECONDS)  # the others are running elsewhere
 
 
 def _run_sharded(audit_id: uuid.UUID, tenant: str, settings: Settings, factory: sessionmaker, store: ArtifactStore,
@@ -622,12 +631,6 @@ def _run_sharded(audit_id: uuid.UUID, tenant: str, settings: Settings, factory: 
     result.summary["shards"]["shards_per_process"] = {str(k): int(v) for k, v in workers.items()}
     result.summary["shards"]["shard_runs"] = int(runs or 0)  # above steps x shards: some were run again
     return result
-
-
-# How long a helper's process stays up without a shard to run: the coordinator's reduce between
-# steps (an eigendecomposition per layer) is usually shorter, and staying saves reloading the model
-# and the data for the next step. It leaves at once when another job is waiting for a worker.
-HELPER_IDLE_SECONDS = 20.0
 
 
 class AuditWatch:
@@ -725,7 +728,7 @@ def _help_audit(audit_id: uuid.UUID, settings: Settings, factory: sessionmaker) 
             idle_since = idle_since or time.monotonic()
             if time.monotonic() - idle_since > HELPER_IDLE_SECONDS:
                 return "succeeded"
-            time.sleep(0.2)
+            time.sleep(SHARD_POLL_SECONDS)
             continue
         idle_since = None
         if token is None:

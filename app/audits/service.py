@@ -126,6 +126,8 @@ def curvature_key(tenant_id: str, request: AuditCreate) -> str | None:
     identity = {"format": CURVATURE_FORMAT, "tenant": tenant_id, "model": str(request.model_id),
                 "dataset": str(request.dataset_id), "estimator": name, "damping": request.damping,
                 "weight_decay": request.weight_decay, "fisher_samples": request.fisher_samples, "seed": request.seed}
+    if name == "lanczos":  # its rank is part of what is fitted (the other estimators' keys stay as they were)
+        identity["lanczos_rank"] = request.lanczos_rank
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
 
 

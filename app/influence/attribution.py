@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .base import BatchSource, EngineError, Estimator, EstimatorOptions, FittedCurvature
+from .base import BatchSource, Estimator, EstimatorOptions, FittedCurvature
 
 QUERY_BYTES = 512 * 1024**2  # preconditioned query gradients held at once; more queries take more passes
 
@@ -42,9 +42,7 @@ def attribute(estimator: Estimator, data: BatchSource, query_inputs: torch.Tenso
               top_k: int = 10, report: Callable[[str, float], None] | None = None,
               query_bytes: int = QUERY_BYTES) -> Attribution:
     """The top_k helpful and harmful training examples (indices into `data`) of each query, with a
-    fitted estimator that can precondition queries (the blockwise ones)."""
-    if not hasattr(estimator, "precondition_queries"):
-        raise EngineError(f"the '{estimator.name}' curvature cannot attribute; use ekfac, kfac or diagonal")
+    fitted estimator that can precondition queries (Estimator.solve; every one that stores its curvature)."""
     report = report or (lambda stage, fraction: None)
     num_queries = int(query_inputs.shape[0])
     k = min(top_k, data.num_examples)

@@ -18,9 +18,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from .functional import ParamDict, num_parameters, trainable_parameters
+from .functional import ParamDict, num_parameters, per_example_loss_grads, trainable_parameters
 
 Partial = dict[str, torch.Tensor]
+GRAD_CHUNK_ELEMENTS = 1 << 25  # cap on B x P floats of per-example gradients formed at once
 
 
 class BatchSource:
@@ -161,7 +162,44 @@ class Estimator:
     def self_influence(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def fitted_curvature(self) -> FittedCurvature:
+    def solve(self, vectors: torch.Tensor) -> torch.Tensor:
+        """(G + lambda I)^-1 v for each row of `vectors` (R, P), float64: the fitted curvature as a
+        preconditioner, through which self-influence, the removal step and attribution are read."""
+        raise EngineError(f"the '{self.name}' curvature cannot precondition gradients; attribute with an audit "
+                          "of method ekfac, kfac, diagonal, exact or lanczos")
+
+    def loss_gradients(self, inputs: torch.Tensor, targets: torch.Tensor) -> Iterator[torch.Tensor]:
+        """Per-example loss gradients (b, P) at theta_s, in chunks of at most GRAD_CHUNK_ELEMENTS floats."""
+        step = max(1, GRAD_CHUNK_ELEMENTS // max(1, self.num_parameters))
+        for start in range(0, inputs.shape[0], step):
+            yield per_example_loss_grads(self.model, self.params, self.loss, inputs[start : start + step],
+                                         targets[start : start + step])
+
+    def precondition_queries(self, inputs: torch.Tensor, targets: torch.Tensor):
+        """(G + lambda I)^-1 g_q of each query's loss gradient, for cross_influence: here (Q, P) float64
+        by `solve` (the blockwise estimators keep theirs per block, without forming P-vectors)."""
+        return torch.cat([self.solve(g.double()) for g in self.loss_gradients(inputs, targets)])
+
+    def cross_influence(self, inputs: torch.Tensor, targets: torch.Tensor, queries) -> torch.Tensor:
+        """(B, Q): g_i^T (G + lambda I)^-1 g_q for each training example i of the batch and each query."""
+        return torch.cat([g.double() @ queries.T for g in self.loss_gradients(inputs, targets)])
+
+    def structure(self) -> list:
+        """The trainable parameters' names and shapes, in the order of the parameter vector: a stored
+        full-vector curvature (exact, lanczos) only loads into a model that has the same."""
+        return [[name, list(p.shape)] for name, p in self.params.items()]
+
+    def _check_stored(self, curvature: FittedCurvature) -> dict:
+        import json
+
+        meta = curvature.metadata
+        if meta.get("estimator") != self.name:
+            raise EngineError(f"stored curvature is '{meta.get('estimator')}', not '{self.name}'")
+        if json.loads(meta.get("structure", "null")) != self.structure():
+            raise EngineError("the stored curvature was fitted on a model of another structure")
+        return meta
+
+    def fitted_curvature(self, complete: bool = True) -> FittedCurvature:
         """The fitted state, for storing (estimators with stores_curvature)."""
         raise EngineError(f"the '{self.name}' curvature cannot be stored")
 

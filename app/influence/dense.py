@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
+
 import torch
 
-from .base import EngineError, Estimator, Partial
+from .base import EngineError, Estimator, FittedCurvature, Partial
 from .functional import per_example_jacobians, per_example_loss_grads
 
 
@@ -17,6 +19,7 @@ class ExactEstimator(Estimator):
 
     name = "exact"
     stages = ("ggn",)
+    stores_curvature = True  # its Cholesky factor: P x P doubles, P <= max_exact_parameters
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -58,6 +61,20 @@ class ExactEstimator(Estimator):
                               "(the damping is below the curvature's rounding error); raise the damping, e.g. to "
                               f"{max(1e-8, 1e-10 * float(torch.diagonal(ggn).abs().max())):.1g} or more")
         self.cholesky = factor
+
+    def fitted_curvature(self, complete: bool = True) -> FittedCurvature:
+        if self.cholesky is None:
+            raise EngineError("the 'exact' estimator has no fitted curvature to store")
+        return FittedCurvature(
+            {"cholesky": self.cholesky},
+            {"estimator": self.name, "format": "pbrf-audit dense curvature v1",
+             "structure": json.dumps(self.structure()), "damping": json.dumps(self.damping),
+             "options": json.dumps({"damping": self.options.damping, "weight_decay": self.options.weight_decay})})
+
+    def load_curvature(self, curvature: FittedCurvature, example: torch.Tensor) -> None:
+        meta = self._check_stored(curvature)
+        self.cholesky = curvature.tensors["cholesky"].double().to(self.device)
+        self.damping = json.loads(meta["damping"])
 
     def solve(self, vectors: torch.Tensor) -> torch.Tensor:
         """(G + lambda I)^-1 v for each row of `vectors` (B, P)."""

@@ -15,15 +15,15 @@ P x P is ever formed.
 
 from __future__ import annotations
 
+import json
 import math
+from dataclasses import replace
 
 import torch
 from torch.func import functional_call, vmap
 
-from .base import EngineError, Estimator
-from .functional import flatten, per_example_loss_grads, unflatten
-
-GRAD_CHUNK_ELEMENTS = 1 << 25  # cap on B x P floats of per-example gradients formed at once
+from .base import GRAD_CHUNK_ELEMENTS, EngineError, Estimator, FittedCurvature
+from .functional import flatten, unflatten
 
 
 def ggn_matvec_partial(model, params, loss, inputs: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
@@ -40,13 +40,6 @@ def ggn_matvec_partial(model, params, loss, inputs: torch.Tensor, vectors: torch
         return flatten(vjp_fn(hjv)[0])
 
     return vmap(one)(vectors)
-
-
-def _grads_in_chunks(estimator: Estimator, inputs, targets):
-    step = max(1, GRAD_CHUNK_ELEMENTS // max(1, estimator.num_parameters))
-    for start in range(0, inputs.shape[0], step):
-        yield per_example_loss_grads(estimator.model, estimator.params, estimator.loss,
-                                     inputs[start : start + step], targets[start : start + step])
 
 
 class _MatrixFree(Estimator):
@@ -86,6 +79,7 @@ class _MatrixFree(Estimator):
 
 class LanczosEstimator(_MatrixFree):
     name = "lanczos"
+    stores_curvature = True  # its Ritz pairs: rank x P floats
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -137,10 +131,37 @@ class LanczosEstimator(_MatrixFree):
         for _ in range(k - m):
             report("lanczos", 1.0)
 
+    def fitted_curvature(self, complete: bool = True) -> FittedCurvature:
+        if self.eigenvectors is None:
+            raise EngineError("the 'lanczos' estimator has no fitted curvature to store")
+        return FittedCurvature(
+            {"eigenvalues": self.eigenvalues, "eigenvectors": self.eigenvectors},
+            {"estimator": self.name, "format": "pbrf-audit low-rank curvature v1",
+             "structure": json.dumps(self.structure()), "damping": json.dumps(self.damping),
+             "trace": json.dumps(self.trace),
+             "options": json.dumps({"damping": self.options.damping, "weight_decay": self.options.weight_decay,
+                                    "lanczos_rank": self.options.lanczos_rank, "seed": self.options.seed})})
+
+    def load_curvature(self, curvature: FittedCurvature, example: torch.Tensor) -> None:
+        meta = self._check_stored(curvature)
+        self.eigenvalues = curvature.tensors["eigenvalues"].double()
+        self.eigenvectors = curvature.tensors["eigenvectors"].double().to(self.device)
+        self.damping, self.trace = json.loads(meta["damping"]), json.loads(meta["trace"])
+        # the complement's curvature is the weight decay it was fitted with
+        self.options = replace(self.options, weight_decay=json.loads(meta["options"])["weight_decay"])
+
+    def solve(self, vectors: torch.Tensor) -> torch.Tensor:
+        """(G + lambda I)^-1 v with G as its top-k eigenpairs and weight decay on the complement."""
+        v = vectors.double()
+        proj = v @ self.eigenvectors.T
+        inside = (proj / (self.eigenvalues.to(v.device) + self.damping)) @ self.eigenvectors
+        rest = (v - proj @ self.eigenvectors) / (self.damping + self.options.weight_decay)
+        return inside + rest
+
     def self_influence(self, inputs, targets):
         parts = []
         lam = self.damping
-        for g in _grads_in_chunks(self, inputs, targets):
+        for g in self.loss_gradients(inputs, targets):
             g = g.double()
             proj = g @ self.eigenvectors.T
             captured = proj.pow(2)
@@ -236,7 +257,7 @@ class CGEstimator(_MatrixFree):
 
     def self_influence(self, inputs, targets):
         parts = []
-        for g in _grads_in_chunks(self, inputs, targets):
+        for g in self.loss_gradients(inputs, targets):
             for start in range(0, g.shape[0], self.block):
                 gb = g[start : start + self.block].double()
                 parts.append((gb * self.solve(gb)).sum(1))

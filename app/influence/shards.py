@@ -31,8 +31,8 @@ def why_not_sharded(config: AuditConfig, setup: AuditSetup) -> str | None:
         return "method 'loo' runs in one worker (its confident-learning thresholds need every example at once)"
     if config.verify_top_k:
         return "verify_top_k runs in one worker (the PBRF solve uses the whole training set)"
-    if not setup.estimator.stores_curvature:
-        return f"the '{setup.estimator.name}' curvature is fitted in one worker (only blockwise fits are sharded)"
+    if not setup.estimator.stores_curvature or not setup.estimator.stages:
+        return f"the '{setup.estimator.name}' curvature is fitted in one worker (only fits made of summed passes are sharded)"
     return None
 
 
