@@ -297,16 +297,18 @@ def test_a_second_audit_with_the_same_curvature_settings_scores_with_the_stored_
     assert third["summary"]["curvature"]["sha256"] == stored["sha256"]
 
 
-def test_attributions_rank_the_training_examples_behind_each_query(client, trained, service):
+@pytest.mark.parametrize("method", ["ekfac", "exact"])
+def test_attributions_rank_the_training_examples_behind_each_query(client, trained, service, method):
     """POST /v1/audits/{id}/attributions with a query set: 202 + Location; the job uses the audit's
-    stored curvature; each query that copies one of the audit's top flags finds that training example
-    first among the helpful; pages in query order; refusals name the problem and store nothing."""
+    stored curvature (blockwise, or the exact GGN's Cholesky factor); each query that copies one of the
+    audit's top flags finds that training example first among the helpful; pages in query order;
+    refusals name the problem and store nothing."""
     inputs, labels, _, onnx_path = trained
     m = upload_model(client, onnx_path).json()
     d = upload_dataset(client, npz_bytes(inputs=inputs, labels=labels)).json()
     audit, _ = wait_for_audit(client, client.post("/v1/audits", json={
-        "model_id": m["id"], "dataset_id": d["id"], "method": "ekfac"}).json()["id"], timeout=120)
-    assert audit["status"] == "succeeded"
+        "model_id": m["id"], "dataset_id": d["id"], "method": method}).json()["id"], timeout=120)
+    assert audit["status"] == "succeeded" and audit["summary"]["curvature"]["size_bytes"] > 0
     top = [f["index"] for f in client.get(f"/v1/audits/{audit['id']}/flags", params={"limit": 3}).json()["items"]]
     query = npz_bytes(inputs=inputs[top], labels=labels[top])
     r = client.post(f"/v1/audits/{audit['id']}/attributions", files={"file": ("q.npz", query)}, data={"top_k": "4"})

@@ -57,3 +57,43 @@ def test_audit_memory_estimate_grows_with_the_parameters_that_drive_it():
     assert ekfac < 1024**3 < 8 * 1024**3 < lanczos  # 2 x 2048 x 529k x 8 bytes = 17 GB
     assert exact["batch Jacobians"] == 8192 * C * 12_000 * 12 and exact["dense curvature (P x P, float64, 3 copies)"] > 0
     assert verify["PBRF verification"] > 0
+
+
+def test_the_storage_quota_counts_each_stored_curvature_file_once(tmp_path):
+    """An audit's stored curvature counts against its tenant's quota once written, once per file
+    (audits that reuse a curvature share it), not while failed or for another tenant. Real SQL on an
+    in-process SQLite database."""
+    import uuid
+
+    from sqlalchemy import create_engine
+    from sqlalchemy.orm import Session
+
+    from app.artifacts.tables import DatasetArtifact, ModelArtifact
+    from app.audits.quota import audit_result_bytes, stored_bytes
+    from app.audits.tables import Audit
+    from app.core.db import Base
+
+    engine = create_engine(f"sqlite:///{tmp_path / 'quota.db'}")
+    Base.metadata.create_all(engine)
+    with Session(engine) as session:
+        model = ModelArtifact(tenant_id="t", name="m", format="onnx", sha256="a" * 64, size_bytes=1000,
+                              num_parameters=10, input_shape=[4], num_outputs=3)
+        dataset = DatasetArtifact(tenant_id="t", name="d", format="npz", sha256="b" * 64, size_bytes=2000,
+                                  num_examples=50, num_classes=3, input_shape=[4], label_counts=[20, 20, 10])
+        session.add_all([model, dataset])
+        session.flush()
+
+        def audit(status, sha=None, size=None, tenant="t"):
+            session.add(Audit(id=uuid.uuid4(), tenant_id=tenant, status=status, model_id=model.id,
+                              dataset_id=dataset.id, method="ekfac", params={}, curvature_sha256=sha,
+                              curvature_size_bytes=size))
+
+        audit("succeeded", "c" * 64, 7000)
+        audit("succeeded", "c" * 64, 7000)  # reused the first one's curvature
+        audit("succeeded", "d" * 64, 500)
+        audit("failed", "e" * 64, 100_000)  # nothing is kept for a failed audit
+        audit("queued")
+        audit("succeeded", "f" * 64, 300_000, tenant="other")
+        session.commit()
+        results = 4 * audit_result_bytes(50, max_flags=1000)  # the four of tenant t holding results
+        assert stored_bytes(session, "t", max_flags=1000) == 1000 + 2000 + results + 7000 + 500

@@ -450,7 +450,8 @@ def _audit_attempt(audit_id: uuid.UUID, token: str, settings: Settings, factory:
                     session.execute(insert(AuditFlag), rows)
                 done = session.execute(update(Audit).where(_owned(audit_id, token)).values(
                     status="succeeded", progress=1.0, stage="done", finished_at=utcnow(), summary=result.summary,
-                    damping=result.damping, scores_sha256=scores_sha, curvature_sha256=curvature_sha))
+                    damping=result.damping, scores_sha256=scores_sha, curvature_sha256=curvature_sha,
+                    curvature_size_bytes=store.path_for(curvature_sha).stat().st_size if curvature_sha else None))
                 if done.rowcount != 1:
                     session.rollback()
                     raise JobLost

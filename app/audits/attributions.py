@@ -35,8 +35,8 @@ def create_attribution(*, session: Session, store: ArtifactStore, settings: Sett
                            "a succeeded audit stored")
     if not audit.curvature_sha256 or not store.path_for(audit.curvature_sha256).exists():
         raise ProblemError(422, "audit-without-curvature", f"this audit ({audit.method}) stored no curvature to "
-                           "attribute with: audits with method ekfac, kfac or diagonal (or loo on one of them) store "
-                           "theirs; run one of those on this model and dataset first")
+                           "attribute with: audits with method ekfac, kfac, diagonal, exact or lanczos (or loo on one "
+                           "of them) store theirs; run one of those on this model and dataset first")
     model = artifacts.get_model(session, tenant_id, audit.model_id)
     active = session.scalar(select(func.count()).select_from(Attribution).where(
         Attribution.tenant_id == tenant_id, Attribution.status.in_(ACTIVE)))

@@ -2,8 +2,9 @@
 
 Counted: the bytes of every uploaded model (with its external-data parts) and dataset, and for every
 audit that has or will have results (queued, running, succeeded) an estimate of those results: the
-scores file (up to 9 eight-byte values per example) and the flag rows; for attributions, their query
-set and results. A failed or cancelled audit
+scores file (up to 9 eight-byte values per example) and the flag rows, plus its stored curvature file
+once written (once per file: audits that reuse a curvature share it); for attributions, their query
+set and results. A sharded audit's partial sums are transient (removed with its shard rows) and not counted. A failed or cancelled audit
 stores nothing. Uploads and audits are refused with `storage-quota-exceeded` when they would take the
 tenant past `PBRF_TENANT_STORAGE_BYTES`; deleting models, datasets or audits frees quota. Two requests
 racing past the check can overshoot by one upload each: a soft bound, like the active-audit quota.
@@ -50,7 +51,11 @@ def stored_bytes(session: Session, tenant_id: str, max_flags: int) -> int:
         select(func.coalesce(func.sum(Attribution.query_size_bytes
                                       + Attribution.num_queries * Attribution.top_k * ATTRIBUTION_BYTES_PER_RESULT), 0))
         .where(Attribution.tenant_id == tenant_id, Attribution.status.in_(HOLDING_RESULTS)))
-    return int(models) + parts + int(datasets) + int(results) + int(attributions)
+    # a stored curvature once per file: later audits with the same key share the earlier one's
+    curvatures = sum(int(size or 0) for _, size in session.execute(
+        select(Audit.curvature_sha256, Audit.curvature_size_bytes).distinct()
+        .where(Audit.tenant_id == tenant_id, Audit.status.in_(HOLDING_RESULTS), Audit.curvature_sha256.is_not(None))))
+    return int(models) + parts + int(datasets) + int(results) + int(attributions) + curvatures
 
 
 def storage_left(session: Session, settings: Settings, tenant_id: str) -> int | None:

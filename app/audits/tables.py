@@ -5,7 +5,7 @@ from __future__ import annotations
 import uuid
 from datetime import datetime
 
-from sqlalchemy import JSON, DateTime, Float, ForeignKey, Index, Integer, String, Text, UniqueConstraint, func
+from sqlalchemy import JSON, BigInteger, DateTime, Float, ForeignKey, Index, Integer, String, Text, UniqueConstraint, func
 from sqlalchemy.orm import Mapped, mapped_column
 
 from app.core.db import Base
@@ -47,6 +47,7 @@ class Audit(JobLifecycle, Base):
     # same key (tenant, model, dataset, estimator and its settings) scores with it instead of refitting
     curvature_key: Mapped[str | None] = mapped_column(String(64), index=True)
     curvature_sha256: Mapped[str | None] = mapped_column(String(64))
+    curvature_size_bytes: Mapped[int | None] = mapped_column(BigInteger)  # counted by the storage quota
 
 
 class AuditFlag(Base):
