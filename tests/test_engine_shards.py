@@ -54,7 +54,11 @@ def test_sharded_fit_scores_equal_one_workers_fit(case, method):
     config = AuditConfig(method=method, batch_size=32, seed=4)
     one = run_audit(model, inputs, labels, config)
     plan, sharded = _sharded(model, inputs, labels, config, shard_size=70)
-    assert plan.shard_size == 64 and plan.num_shards == -(-inputs.shape[0] // 64)  # aligned to batches
+    assert plan.shard_size == 64  # aligned to batches
+    sizes = [stop - start for start, stop in map(plan.bounds, range(plan.num_shards))]
+    # shards of 64, the last 64 rows in quarters (never below a batch), covering every row once
+    assert sum(sizes) == inputs.shape[0] and max(sizes) == 64 and sizes[-2] == 32
+    assert all(plan.bounds(i)[0] % 32 == 0 for i in range(plan.num_shards))
     # float32 statistics added in another order: relative differences at float32 rounding
     scale = float(one.scores.abs().max())
     assert float((sharded.scores - one.scores).abs().max()) <= 1e-5 * scale
@@ -99,7 +103,7 @@ def test_a_sharded_exact_fit_equals_one_workers():
     config = AuditConfig(method="exact", batch_size=32)
     one = run_audit(model, inputs, labels, config)
     plan, sharded = _sharded(model, inputs, labels, config, shard_size=70)
-    assert plan.fit_stages == ("ggn",) and plan.num_shards == 11
+    assert plan.fit_stages == ("ggn",) and plan.num_shards == 13  # 9 x 64 + 32, then 32, 32, 32, 28
     # float64 sums of float32 Jacobian products, added in another order
     torch.testing.assert_close(sharded.scores, one.scores, rtol=1e-9, atol=0)
     assert sharded.damping == pytest.approx(one.damping, rel=1e-12)

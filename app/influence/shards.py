@@ -16,6 +16,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
+from functools import cached_property
 
 import torch
 
@@ -53,9 +54,21 @@ class ShardPlan:
         return cls(num_examples=num_examples, shard_size=aligned, batch_size=setup.batch_size,
                    fit_stages=tuple(setup.estimator.stages) if fit else ())
 
+    @cached_property
+    def cuts(self) -> tuple[int, ...]:
+        """Shard boundaries (batch-aligned): shards of shard_size, except that the last shard_size rows
+        are cut in quarters. Workers take shards in order, so a step ends on small shards and no worker
+        waits long for another's last one (guided scheduling)."""
+        n, size, batch = self.num_examples, self.shard_size, self.batch_size
+        if n <= size:
+            return (0, n)
+        tail_start = (n - size) // batch * batch
+        quarter = max(batch, size // 4 // batch * batch)
+        return (*range(0, tail_start, size), *range(tail_start, n, quarter), n)
+
     @property
     def num_shards(self) -> int:
-        return max(1, -(-self.num_examples // self.shard_size))
+        return len(self.cuts) - 1
 
     @property
     def stages(self) -> tuple[str, ...]:
@@ -64,11 +77,10 @@ class ShardPlan:
     def bounds(self, index: int) -> tuple[int, int]:
         if not 0 <= index < self.num_shards:
             raise IndexError(f"shard {index} of {self.num_shards}")
-        start = index * self.shard_size
-        return start, min(self.num_examples, start + self.shard_size)
+        return self.cuts[index], self.cuts[index + 1]
 
     def to_dict(self) -> dict:
-        return asdict(self) | {"num_shards": self.num_shards}
+        return asdict(self) | {"num_shards": self.num_shards}  # the cuts follow from the fields
 
     @classmethod
     def from_dict(cls, value: dict) -> ShardPlan:
