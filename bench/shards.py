@@ -78,8 +78,10 @@ def main() -> None:
         final, scores = run_audit(args.backend, workers, threads, model_path, data, request, tmp)
         shards = final["summary"].get("shards", {})
         results[name] = (final, scores)
+        steps = final["summary"].get("seconds", {})
         rows.append({"run": name, "worker processes": workers, "threads each": threads,
                      "shards": shards.get("num_shards", 1), "seconds": _seconds(final),
+                     "of which fit + scores": steps.get("total"),
                      "shards per worker": ", ".join(str(v) for v in shards.get("shards_per_process", {}).values()) or "-"})
         print(rows[-1], flush=True)
     one = results["one worker, one shard"][1]
@@ -90,9 +92,12 @@ def main() -> None:
     text = (f"# Sharded audits over worker processes ({args.backend})\n\n"
             f"EK-FAC audit of an MLP ({args.features}-{args.hidden}-10, tanh) "
             f"on {args.examples:,} synthetic examples, batch 500, shard_size {args.shard_size:,}, through "
-            f"`pbrf-audit serve` (uvicorn + Celery). Seconds: the audit's started_at to finished_at.\n"
+            f"`pbrf-audit serve` (uvicorn + Celery). Seconds: the audit's started_at to finished_at; of which fit + "
+            f"scores: the engine's part (summary.seconds.total), the rest being loading and writing the results "
+            f"(10% of the examples as flag rows).\n"
             f"Environment: {environment()}\n\n"
-            + table(rows, ["run", "worker processes", "threads each", "shards", "seconds", "shards per worker",
+            + table(rows, ["run", "worker processes", "threads each", "shards", "seconds", "of which fit + scores",
+                           "shards per worker",
                            "max rel. score diff vs one shard"])
             + f"\n\nSpeed-up of two workers over one (both sharded, one thread per process): **{speedup:.2f}x**; "
               f"sharding's own cost on one worker: {rows[1]['seconds'] / rows[0]['seconds']:.2f}x the one-shard run; "

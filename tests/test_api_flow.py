@@ -330,6 +330,19 @@ def test_attributions_rank_the_training_examples_behind_each_query(client, train
         assert len(q["helpful"]) == 4 and len(q["harmful"]) == 4
         assert [h["score"] for h in q["helpful"]] == sorted((h["score"] for h in q["helpful"]), reverse=True)
 
+    # a finished attribution cannot be cancelled; another one is cancelled while queued or running (or,
+    # if the worker was quicker, has finished: then the cancel says so), and is deleted with its results
+    assert_problem(client.post(f"/v1/attributions/{created['id']}/cancel"), 409, "attribution-finished")
+    other = client.post(f"/v1/audits/{audit['id']}/attributions", files={"file": ("q.npz", query)}).json()
+    cancelled = client.post(f"/v1/attributions/{other['id']}/cancel")
+    if cancelled.status_code == 200:
+        assert cancelled.json()["status"] == "cancelled"
+        assert_problem(client.get(f"/v1/attributions/{other['id']}/queries"), 409, "attribution-not-succeeded")
+    else:
+        assert_problem(cancelled, 409, "attribution-finished")
+    assert client.delete(f"/v1/attributions/{other['id']}").status_code == 204
+    assert_problem(client.get(f"/v1/attributions/{other['id']}"), 404, "not-found")
+
     # refusals: an audit that stored no curvature, queries the model cannot take, an unknown audit
     identity, _ = wait_for_audit(client, client.post("/v1/audits", json={
         "model_id": m["id"], "dataset_id": d["id"], "method": "identity"}).json()["id"], timeout=120)

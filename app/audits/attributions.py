@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 import numpy as np
-from sqlalchemy import func, select, update
+from sqlalchemy import delete, func, select, update
 from sqlalchemy.orm import Session
 
 from app.artifacts import loaders
@@ -87,6 +87,28 @@ def get_attribution(session: Session, tenant_id: str, attribution_id: uuid.UUID)
 
 
 @lru_cache(maxsize=4)
+def cancel_attribution(session: Session, row: Attribution) -> Attribution:
+    """Stop a queued or running attribution (a running one's process is killed at its worker's next
+    heartbeat); 409 once it has ended."""
+    result = session.execute(update(Attribution).where(Attribution.id == row.id, Attribution.status.in_(ACTIVE))
+                             .values(status="cancelled", finished_at=utcnow(), stage="cancelled"))
+    session.commit()
+    session.refresh(row)
+    if result.rowcount == 0:
+        raise ProblemError(409, "attribution-finished", f"the attribution already ended ({row.status})")
+    return row
+
+
+def delete_attribution(session: Session, row: Attribution) -> None:
+    """Remove a finished attribution (its stored query set and results go with the next garbage
+    collection once nothing refers to them); a queued or running one must be cancelled first."""
+    done = session.execute(delete(Attribution).where(Attribution.id == row.id, Attribution.status.not_in(ACTIVE)))
+    if done.rowcount != 1:
+        session.rollback()
+        raise ProblemError(409, "attribution-active", f"the attribution is {row.status}; cancel it before deleting it")
+    session.commit()
+
+
 def _read_results(path: Path) -> dict[str, np.ndarray]:
     with np.load(path, allow_pickle=False) as npz:
         return {k: npz[k] for k in npz.files}

@@ -193,6 +193,20 @@ def get_attribution(attribution_id: uuid.UUID, session: SessionDep, tenant: Tena
     return row
 
 
+@router.post("/attributions/{attribution_id}/cancel", response_model=AttributionOut, tags=["attributions"],
+             responses=ATTRIBUTION_RESPONSES, summary="Cancel a queued or running attribution")
+def cancel_attribution(attribution_id: uuid.UUID, session: SessionDep, tenant: TenantDep):
+    return attributions.cancel_attribution(session, _attribution_or_404(session, tenant, attribution_id))
+
+
+@router.delete("/attributions/{attribution_id}", status_code=204, tags=["attributions"],
+               responses=ATTRIBUTION_RESPONSES,
+               summary="Delete a finished attribution and its results (cancel a queued or running one first)")
+def delete_attribution(attribution_id: uuid.UUID, session: SessionDep, tenant: TenantDep):
+    attributions.delete_attribution(session, _attribution_or_404(session, tenant, attribution_id))
+    return Response(status_code=204)
+
+
 @router.get("/attributions/{attribution_id}/queries", response_model=QueryPage, tags=["attributions"],
             responses=ATTRIBUTION_RESPONSES,
             summary="Per query example, its most helpful and most harmful training examples (in query order)")
