@@ -36,9 +36,10 @@ def run_audit(backend: str, workers: int, threads: int, model_path: Path, data: 
     """Start the service with `workers` worker processes, audit, stop; returns (audit, scores)."""
     with contextlib.ExitStack() as stack:
         pg = stack.enter_context(fresh_postgres_database("pbrf_bench")) if backend == "postgres_redis" else None
-        # OMP_NUM_THREADS: torch's threads per process (two workers get one each from their share anyway)
+        # torch's threads per worker process (serve would otherwise leave one core to the API)
         env = _service_env(backend, pg) | {"PBRF_WORKER_CONCURRENCY": str(workers),
-                                           "PBRF_HEARTBEAT_SECONDS": "2", "OMP_NUM_THREADS": str(threads)}
+                                           "PBRF_HEARTBEAT_SECONDS": "2", "OMP_NUM_THREADS": str(threads),
+                                           "PBRF_WORKER_THREADS": str(threads)}
         service = Service(env, tmp / f"svc-{backend}-{workers}-{body['shard_size']}")
         service.start()
         stack.callback(service.stop)

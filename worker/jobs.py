@@ -224,9 +224,13 @@ def _limit_memory(settings: Settings) -> None:
 
 
 def _share_cores(settings: Settings) -> None:
-    """Several CPU workers on one machine each take their share of the cores: torch's default of one
-    thread per core in every process would have them fight over the same cores."""
-    if settings.worker_concurrency > 1 and not torch.cuda.is_available():
+    """torch's threads in a job's process: PBRF_WORKER_THREADS, else the worker processes' share of the
+    cores (torch's default of one thread per core in every process would have them fight over them)."""
+    if torch.cuda.is_available():
+        return
+    if settings.worker_threads:
+        torch.set_num_threads(settings.worker_threads)
+    elif settings.worker_concurrency > 1:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // settings.worker_concurrency))
 
 

@@ -58,6 +58,9 @@ class Settings(BaseSettings):
     worker_concurrency: int = Field(1, ge=1, le=64, description=(
         "Worker processes `serve` and `worker` start (each runs one job at a time, on CPU with its share of "
         "the cores); one per GPU on a GPU machine."))
+    worker_threads: int | None = Field(None, ge=1, le=1024, description=(
+        "torch threads per CPU worker process; unset: the cores divided among the worker processes, and "
+        "under `serve` (API and worker on one machine) one core left to the API when there are several"))
     heartbeat_seconds: float = 5.0
     stale_after_seconds: float = 120.0
     reaper_interval_seconds: float = 30.0

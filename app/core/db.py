@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import AsyncIterator
 from functools import lru_cache
 
 from pathlib import Path
@@ -43,7 +43,9 @@ def make_engine(url: str) -> Engine:
             cursor.close()
 
         return engine
-    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=10)
+    # as many connections as the API's threadpool has threads (anyio's default, 40), so that its threads
+    # do not queue for connections; a request that cannot get one within 10 s is answered 503 server-busy
+    return create_engine(url, pool_pre_ping=True, pool_size=20, max_overflow=20, pool_timeout=10)
 
 
 @lru_cache
@@ -56,7 +58,14 @@ def get_sessionmaker() -> sessionmaker[Session]:
     return sessionmaker(bind=get_engine(), expire_on_commit=False)
 
 
-def get_session() -> Iterator[Session]:
-    """FastAPI dependency: one session per request, committed by the endpoint that writes."""
-    with get_sessionmaker()() as session:
+async def get_session() -> AsyncIterator[Session]:
+    """FastAPI dependency: one session per request, committed by the endpoint that writes. Opened and
+    closed on the event loop (closing returns the connection: a quick rollback), so that a request
+    never holds a database connection while it waits for one of the threadpool's threads: a sync
+    teardown would, and under load every connection ends up held by requests waiting for a thread
+    while every thread waits for a connection (bench/load.py)."""
+    session = get_sessionmaker()()
+    try:
         yield session
+    finally:
+        session.close()

@@ -9,6 +9,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 PROBLEM_BASE = "https://pbrf-audit.dev/problems/"
@@ -87,6 +88,12 @@ def install_error_handlers(app: FastAPI) -> None:
         # a locked or unreachable database is a transient condition, not a server bug: tell clients when to retry
         return problem_response(503, "database-busy", "the database is busy or unreachable; retry shortly",
                                 instance=str(request.url.path), headers={"Retry-After": "5"})
+
+    @app.exception_handler(PoolTimeout)
+    async def _server_busy(request: Request, exc: PoolTimeout):
+        # every database connection of this API process is in use (more requests than it can serve)
+        return problem_response(503, "server-busy", "the server is busy (all its database connections are in use); "
+                                "retry shortly", instance=str(request.url.path), headers={"Retry-After": "2"})
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception):
