@@ -215,3 +215,40 @@ def test_an_audit_past_the_worker_memory_budget_fails_readably(tmp_path):
             assert final["attempts"] == 1
     finally:
         svc.stop()
+
+
+def test_an_audit_outlives_a_database_locked_longer_than_its_busy_timeout(tmp_path):
+    """Another connection holds SQLite's write lock for longer than the 30 s busy timeout while an
+    audit runs (as another tenant's long delete did): the audit's progress writes are skipped, its
+    result write is retried, and it succeeds in its first attempt instead of failing."""
+    import sqlite3
+
+    svc = Service(_service_env("embedded", None), tmp_path / "locked")
+    svc.start()
+    try:
+        inputs, labels = synthetic_classification(n=30_000, features=32, classes=5, seed=4)
+        path = export_onnx(quick_mlp(inputs[:2000], labels[:2000], hidden=256, epochs=5),
+                           torch.from_numpy(inputs[:2]), tmp_path / "m.onnx")
+        with svc.client() as client:
+            model = upload_model(client, path).json()
+            dataset = upload_dataset(client, npz_bytes(inputs=inputs, labels=labels)).json()
+            audit = client.post("/v1/audits", json={"model_id": model["id"], "dataset_id": dataset["id"],
+                                                    "method": "ekfac", "batch_size": 100}).json()
+            deadline = time.monotonic() + 60
+            while client.get(f"/v1/audits/{audit['id']}").json()["status"] == "queued":
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+            lock = sqlite3.connect(svc.data_dir / "pbrf-audit.db", timeout=60, isolation_level=None)
+            lock.execute("BEGIN EXCLUSIVE")  # in WAL mode: no other writer, readers go on
+            try:
+                time.sleep(33)
+                assert client.get(f"/v1/audits/{audit['id']}").json()["status"] == "running"  # reads went on
+            finally:
+                lock.execute("ROLLBACK")
+                lock.close()
+            final, _ = wait_for_audit(client, audit["id"], timeout=180)
+        assert final["status"] == "succeeded", (final["error"], svc.logs()[-3000:])
+        assert final["attempts"] == 1
+        assert "transient database error" in svc.logs()
+    finally:
+        svc.stop()

@@ -25,6 +25,7 @@ import onnx  # noqa: F401
 import onnx2pytorch  # noqa: F401  imported once per worker, not in every job's child (torchvision: ~0.4 s)
 import torch
 from sqlalchemy import and_, delete, func, insert, or_, select, update
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.artifacts import loaders
@@ -45,6 +46,27 @@ MAX_ATTEMPTS = 3
 
 class JobLost(Exception):
     """The job was cancelled, or another attempt owns it now: stop without writing anything."""
+
+
+# How long a job's writes retry a transient database error (a SQLite lock held by another tenant's
+# long write, a dropped PostgreSQL connection) before the attempt gives up and is requeued.
+TRANSIENT_RETRY_SECONDS = 120.0
+
+
+def _retrying(write, what: str):
+    """Run `write()` (one transaction), again after a transient database error, with backoff, for up to
+    TRANSIENT_RETRY_SECONDS: another tenant's long write must not fail this job."""
+    deadline, delay = time.monotonic() + TRANSIENT_RETRY_SECONDS, 0.5
+    while True:
+        try:
+            return write()
+        except OperationalError as exc:
+            if time.monotonic() + delay > deadline:
+                raise
+            log.warning("%s: transient database error, retrying in %.1f s (%s)", what, delay,
+                        type(exc.orig).__name__ if exc.orig is not None else type(exc).__name__)
+            time.sleep(delay)
+            delay = min(2 * delay, 5.0)
 
 
 def _dead_local_worker(worker: str | None) -> bool:
@@ -100,12 +122,12 @@ def _owned(audit_id: uuid.UUID, token: str, table=Audit):
     return and_(table.id == audit_id, table.claim_token == token, table.status == "running")
 
 
-class Heartbeat:
-    """Writes heartbeat_at on a timer (covers long single steps such as eigendecompositions) and
-    notices cancellation; the engine's progress callback checks `lost` at batch boundaries."""
+class _Watch:
+    """A daemon thread that runs `check()` every `interval` seconds while the `with` block runs; a
+    check sets `lost` when the job this process works for is gone."""
 
-    def __init__(self, factory: sessionmaker, audit_id: uuid.UUID, token: str, interval: float, table=Audit):
-        self.factory, self.audit_id, self.token, self.interval, self.table = factory, audit_id, token, interval, table
+    def __init__(self, interval: float):
+        self.interval = interval
         self.lost = threading.Event()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -121,14 +143,29 @@ class Heartbeat:
     def _run(self):
         while not self._stop.wait(self.interval):
             try:
-                with self.factory() as session:
-                    result = session.execute(update(self.table).where(_owned(self.audit_id, self.token, self.table))
-                                             .values(heartbeat_at=utcnow()))
-                    session.commit()
-                    if result.rowcount != 1:
-                        self.lost.set()
+                self.check()
             except Exception:
-                log.exception("heartbeat failed for audit %s", self.audit_id)
+                log.exception("%s failed", type(self).__name__)
+
+    def check(self) -> None:
+        raise NotImplementedError
+
+
+class Heartbeat(_Watch):
+    """Writes heartbeat_at on a timer (covers long single steps such as eigendecompositions) and
+    notices cancellation; the engine's progress callback checks `lost` at batch boundaries."""
+
+    def __init__(self, factory: sessionmaker, audit_id: uuid.UUID, token: str, interval: float, table=Audit):
+        super().__init__(interval)
+        self.factory, self.audit_id, self.token, self.table = factory, audit_id, token, table
+
+    def check(self) -> None:
+        with self.factory() as session:
+            result = session.execute(update(self.table).where(_owned(self.audit_id, self.token, self.table))
+                                     .values(heartbeat_at=utcnow()))
+            session.commit()
+        if result.rowcount != 1:
+            self.lost.set()
 
 
 class ProgressWriter:
@@ -149,21 +186,30 @@ class ProgressWriter:
         if stage == self._stage and now - self._last < self.min_interval and fraction < 1.0:
             return
         self._last, self._stage = now, stage
-        with self.factory() as session:
-            result = session.execute(update(self.table).where(_owned(self.audit_id, self.token, self.table))
-                                     .values(progress=round(0.98 * fraction, 4), stage=stage, heartbeat_at=utcnow()))
-            session.commit()
+        try:
+            with self.factory() as session:
+                result = session.execute(update(self.table).where(_owned(self.audit_id, self.token, self.table))
+                                         .values(progress=round(0.98 * fraction, 4), stage=stage,
+                                                 heartbeat_at=utcnow()))
+                session.commit()
+        except OperationalError:  # progress is best effort: the next report tries again
+            log.warning("progress of %s %s not written (transient database error)", self.table.__tablename__,
+                        self.audit_id)
+            return
         if result.rowcount != 1:
             raise JobLost
 
 
 def _fail(factory: sessionmaker, audit_id: uuid.UUID, token: str, message: str, table=Audit) -> None:
-    with factory() as session:
-        failed = session.execute(update(table).where(_owned(audit_id, token, table))
-                                 .values(status="failed", error=message[:4000], finished_at=utcnow(), stage="failed"))
-        if table is Audit and failed.rowcount == 1:
-            session.execute(delete(AuditShard).where(AuditShard.audit_id == audit_id))  # their files become garbage
-        session.commit()
+    def write():
+        with factory() as session:
+            failed = session.execute(update(table).where(_owned(audit_id, token, table)).values(
+                status="failed", error=message[:4000], finished_at=utcnow(), stage="failed"))
+            if table is Audit and failed.rowcount == 1:
+                session.execute(delete(AuditShard).where(AuditShard.audit_id == audit_id))  # files become garbage
+            session.commit()
+
+    _retrying(write, f"failing {table.__tablename__} {audit_id}")
 
 
 def _scores_file(result, labels: np.ndarray) -> bytes:
@@ -192,7 +238,7 @@ def _extras_of(result, i: int) -> dict:
             "out_of_sample_given_probability": float(extras["out_of_sample_given_probability"][i])}
 
 
-ATTEMPT_EXIT_CODES = {"succeeded": 0, "failed": 3, "lost": 4}
+ATTEMPT_EXIT_CODES = {"succeeded": 0, "failed": 3, "lost": 4, "transient": 5}
 
 
 def _die_with_parent() -> None:
@@ -243,6 +289,9 @@ def _failed(exc: Exception, table, job_id: uuid.UUID, token: str, settings: Sett
     """Fail an attempt with a message its owner can act on: the engine's or loader's own words, the
     memory budget or time limit it ran into, or an internal error (logged with its traceback)."""
     kind = table.__tablename__.replace("_", " ")
+    if isinstance(exc, OperationalError):  # the database, not the job: another attempt will do (see _confined)
+        log.warning("%s %s: transient database error (%s); the attempt is requeued", kind, job_id, type(exc).__name__)
+        return "transient"
     if isinstance(exc, (EngineError, loaders.ArtifactError)):
         message = str(getattr(exc, "detail", exc))
         message = _memory_text(kind, settings) if _out_of_memory(message) else message
@@ -327,14 +376,16 @@ def _confined(table, job_id: uuid.UUID, token: str, settings: Settings, factory:
               "(PBRF_TASK_SOFT_TIME_LIMIT)", table)
         return "failed"
     for name, value in ATTEMPT_EXIT_CODES.items():
-        if code == value:
+        if code == value and name != "transient":
             return name
-    # died without saying how: requeue this attempt (the reaper re-sends it), or fail after the last
-    cause = f"signal {-code}" if code < 0 else f"exit code {code}"
+    # died without saying how, or gave up on the database: requeue this attempt (the reaper re-sends it),
+    # or fail after the last
+    cause = ("a transient database error" if code == ATTEMPT_EXIT_CODES["transient"] else
+             f"signal {-code}" if code < 0 else f"exit code {code}")
     with factory() as session:
         attempts = session.scalar(select(table.attempts).where(table.id == job_id)) or MAX_ATTEMPTS
         values = ({"status": "queued", "claim_token": None, "enqueued_at": None,
-                   "stage": f"requeued after its process died ({cause})"} if attempts < MAX_ATTEMPTS else
+                   "stage": f"requeued after its process stopped ({cause})"} if attempts < MAX_ATTEMPTS else
                   {"status": "failed", "finished_at": utcnow(), "stage": "failed",
                    "error": f"the process running this {kind} died {attempts} times ({cause}: out of memory, or a "
                             "crash in the model's native code)"})
@@ -445,21 +496,24 @@ def _audit_attempt(audit_id: uuid.UUID, token: str, settings: Settings, factory:
                      "loss": float(result.losses[i]), "given_label_probability": float(result.given_probability[i]),
                      **_extras_of(result, i)}
                     for rank, i in enumerate(flagged, start=1)]
-            with factory() as session:
-                # One transaction: stale rows from a crashed attempt are replaced, and the status flips
-                # only if this attempt still owns the job.
-                session.execute(delete(AuditFlag).where(AuditFlag.audit_id == audit_id))
-                session.execute(delete(AuditShard).where(AuditShard.audit_id == audit_id))
-                if rows:
-                    session.execute(insert(AuditFlag), rows)
-                done = session.execute(update(Audit).where(_owned(audit_id, token)).values(
-                    status="succeeded", progress=1.0, stage="done", finished_at=utcnow(), summary=result.summary,
-                    damping=result.damping, scores_sha256=scores_sha, curvature_sha256=curvature_sha,
-                    curvature_size_bytes=store.path_for(curvature_sha).stat().st_size if curvature_sha else None))
-                if done.rowcount != 1:
-                    session.rollback()
-                    raise JobLost
-                session.commit()
+            def write():
+                with factory() as session:
+                    # One transaction: stale rows from a crashed attempt are replaced, and the status flips
+                    # only if this attempt still owns the job.
+                    session.execute(delete(AuditFlag).where(AuditFlag.audit_id == audit_id))
+                    session.execute(delete(AuditShard).where(AuditShard.audit_id == audit_id))
+                    if rows:
+                        session.execute(insert(AuditFlag), rows)
+                    done = session.execute(update(Audit).where(_owned(audit_id, token)).values(
+                        status="succeeded", progress=1.0, stage="done", finished_at=utcnow(), summary=result.summary,
+                        damping=result.damping, scores_sha256=scores_sha, curvature_sha256=curvature_sha,
+                        curvature_size_bytes=store.path_for(curvature_sha).stat().st_size if curvature_sha else None))
+                    if done.rowcount != 1:
+                        session.rollback()
+                        raise JobLost
+                    session.commit()
+
+            _retrying(write, f"results of audit {audit_id}")
         log.info("audit %s succeeded (%d flags)", audit_id, len(rows))
         return "succeeded"
     except JobLost:
@@ -518,11 +572,15 @@ def _compute_shard(store: ArtifactStore, model, config: AuditConfig, plan: shard
 
 
 def _shard_done(factory: sessionmaker, shard_id: uuid.UUID, token: str, sha: str, seconds: float) -> None:
-    with factory() as session:
-        done = session.execute(update(AuditShard).where(_owned(shard_id, token, AuditShard)).values(
-            status="succeeded", progress=1.0, stage="done", finished_at=utcnow(), result_sha256=sha, seconds=seconds))
-        session.commit()
-    if done.rowcount != 1:
+    def write():
+        with factory() as session:
+            done = session.execute(update(AuditShard).where(_owned(shard_id, token, AuditShard)).values(
+                status="succeeded", progress=1.0, stage="done", finished_at=utcnow(), result_sha256=sha,
+                seconds=seconds))
+            session.commit()
+        return done.rowcount
+
+    if _retrying(write, f"shard {shard_id}") != 1:
         raise JobLost
 
 
@@ -638,32 +696,18 @@ def _run_sharded(audit_id: uuid.UUID, tenant: str, settings: Settings, factory: 
     return result
 
 
-class AuditWatch:
+class AuditWatch(_Watch):
     """A helper's watch on the audit it helps: `lost` is set once the audit is no longer running
     (cancelled, failed, finished, deleted), and the helper's process is then stopped."""
 
     def __init__(self, factory: sessionmaker, audit_id: uuid.UUID, interval: float):
-        self.factory, self.audit_id, self.interval = factory, audit_id, interval
-        self.lost = threading.Event()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
+        super().__init__(interval)
+        self.factory, self.audit_id = factory, audit_id
 
-    def __enter__(self):
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join(timeout=5)
-
-    def _run(self):
-        while not self._stop.wait(self.interval):
-            try:
-                with self.factory() as session:
-                    if session.scalar(select(Audit.status).where(Audit.id == self.audit_id)) != "running":
-                        self.lost.set()
-            except Exception:
-                log.exception("watch of audit %s failed", self.audit_id)
+    def check(self) -> None:
+        with self.factory() as session:
+            if session.scalar(select(Audit.status).where(Audit.id == self.audit_id)) != "running":
+                self.lost.set()
 
 
 def _next_queued_shard(session: Session, audit_id: uuid.UUID):
@@ -785,13 +829,17 @@ def _attribution_attempt(attribution_id: uuid.UUID, token: str, settings: Settin
             np.savez(buffer, helpful=found.helpful.numpy(), helpful_scores=found.helpful_scores.numpy(),
                      harmful=found.harmful.numpy(), harmful_scores=found.harmful_scores.numpy())
             results_sha = store.put_bytes(buffer.getvalue())
-            with factory() as session:
-                done = session.execute(update(Attribution).where(_owned(attribution_id, token, Attribution)).values(
-                    status="succeeded", progress=1.0, stage="done", finished_at=utcnow(), results_sha256=results_sha))
-                if done.rowcount != 1:
-                    session.rollback()
-                    raise JobLost
-                session.commit()
+            def write():
+                with factory() as session:
+                    done = session.execute(update(Attribution).where(_owned(attribution_id, token, Attribution))
+                                           .values(status="succeeded", progress=1.0, stage="done",
+                                                   finished_at=utcnow(), results_sha256=results_sha))
+                    if done.rowcount != 1:
+                        session.rollback()
+                        raise JobLost
+                    session.commit()
+
+            _retrying(write, f"results of attribution {attribution_id}")
         return "succeeded"
     except JobLost:
         return "lost"
