@@ -117,3 +117,7 @@ def test_methods_that_need_every_example_at_once_are_not_sharded():
     for method in ("ekfac", "exact"):
         config = AuditConfig(method=method)
         assert shards.why_not_sharded(config, set_up_audit(model, inputs, labels, config)) is None
+    # an exact GGN of 6,000 parameters is 288 MB per shard: it stays in one worker
+    wide = nn.Sequential(nn.Linear(6, 600), nn.Tanh(), nn.Linear(600, 3))
+    config = AuditConfig(method="exact")
+    assert "too large" in shards.why_not_sharded(config, set_up_audit(wide, inputs, labels, config))

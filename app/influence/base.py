@@ -162,6 +162,11 @@ class Estimator:
     def self_influence(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    @property
+    def partial_bytes(self) -> int:
+        """Size of one shard's partial sums for a stage at most (0: small, as blockwise factors are)."""
+        return 0
+
     def solve(self, vectors: torch.Tensor) -> torch.Tensor:
         """(G + lambda I)^-1 v for each row of `vectors` (R, P), float64: the fitted curvature as a
         preconditioner, through which self-influence, the removal step and attribution are read."""

@@ -62,6 +62,10 @@ class ExactEstimator(Estimator):
                               f"{max(1e-8, 1e-10 * float(torch.diagonal(ggn).abs().max())):.1g} or more")
         self.cholesky = factor
 
+    @property
+    def partial_bytes(self) -> int:
+        return 8 * self.num_parameters**2  # a shard's GGN sum, float64
+
     def fitted_curvature(self, complete: bool = True) -> FittedCurvature:
         if self.cholesky is None:
             raise EngineError("the 'exact' estimator has no fitted curvature to store")

@@ -24,6 +24,9 @@ from .audit import AuditConfig, AuditResult, AuditSetup, Predictions, conclude_a
 from .base import BatchSource, EngineError, FittedCurvature, Partial, add_partials
 
 SCORES = "scores"  # the last stage of every sharded audit, after the fitting stages
+# A shard's partial sums travel through the artifact store: above this size per shard (an exact GGN
+# of a model near the exact size limit is 1 GB) the fit stays in one worker.
+MAX_PARTIAL_BYTES = 256 * 1024**2
 
 
 def why_not_sharded(config: AuditConfig, setup: AuditSetup) -> str | None:
@@ -32,6 +35,9 @@ def why_not_sharded(config: AuditConfig, setup: AuditSetup) -> str | None:
         return "method 'loo' runs in one worker (its confident-learning thresholds need every example at once)"
     if config.verify_top_k:
         return "verify_top_k runs in one worker (the PBRF solve uses the whole training set)"
+    if setup.estimator.partial_bytes > MAX_PARTIAL_BYTES:
+        return (f"the '{setup.estimator.name}' curvature's partial sums ({setup.estimator.partial_bytes / 1024**2:.0f} "
+                "MB per shard) are too large to move between workers")
     if not setup.estimator.stores_curvature or not setup.estimator.stages:
         return f"the '{setup.estimator.name}' curvature is fitted in one worker (only fits made of summed passes are sharded)"
     return None
