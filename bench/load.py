@@ -98,6 +98,7 @@ def main() -> None:
                 run(service, audit["id"], args.seconds, args.rate, args.uploads, small))
             with service.client() as client:
                 state = client.get(f"/v1/audits/{audit['id']}").json()
+                client.post(f"/v1/audits/{audit['id']}/cancel")  # the worker's warm shutdown would wait for it
         finally:
             service.stop()
     rows = []

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import Iterator
 from functools import lru_cache
 
 from pathlib import Path
@@ -58,14 +58,7 @@ def get_sessionmaker() -> sessionmaker[Session]:
     return sessionmaker(bind=get_engine(), expire_on_commit=False)
 
 
-async def get_session() -> AsyncIterator[Session]:
-    """FastAPI dependency: one session per request, committed by the endpoint that writes. Opened and
-    closed on the event loop (closing returns the connection: a quick rollback), so that a request
-    never holds a database connection while it waits for one of the threadpool's threads: a sync
-    teardown would, and under load every connection ends up held by requests waiting for a thread
-    while every thread waits for a connection (bench/load.py)."""
-    session = get_sessionmaker()()
-    try:
+def get_session() -> Iterator[Session]:
+    """FastAPI dependency: one session per request, committed by the endpoint that writes."""
+    with get_sessionmaker()() as session:
         yield session
-    finally:
-        session.close()

@@ -34,21 +34,16 @@ def get_tenant(session: SessionDep, settings: SettingsDep,
     from app.auth import service as auth
 
     static = auth.static_keys(settings.api_keys)
-    try:
-        if credentials is not None and credentials.scheme.lower() == "bearer":
-            tenant = auth.tenant_for_secret(session, credentials.credentials, static)
-            if tenant is not None:
-                return tenant
-            raise ProblemError(401, "unauthorized", "the API key is not valid (unknown or revoked)",
-                               headers={"WWW-Authenticate": "Bearer"})
-        if auth.any_keys(session, static):
-            raise ProblemError(401, "unauthorized", "an API key is required: send `Authorization: Bearer <key>`",
-                               headers={"WWW-Authenticate": "Bearer"})
-        return DEFAULT_TENANT
-    finally:
-        # end the lookup's read transaction: the connection goes back to the pool while this request
-        # waits for a thread to run its endpoint (which takes one again)
-        session.rollback()
+    if credentials is not None and credentials.scheme.lower() == "bearer":
+        tenant = auth.tenant_for_secret(session, credentials.credentials, static)
+        if tenant is not None:
+            return tenant
+        raise ProblemError(401, "unauthorized", "the API key is not valid (unknown or revoked)",
+                           headers={"WWW-Authenticate": "Bearer"})
+    if auth.any_keys(session, static):
+        raise ProblemError(401, "unauthorized", "an API key is required: send `Authorization: Bearer <key>`",
+                           headers={"WWW-Authenticate": "Bearer"})
+    return DEFAULT_TENANT
 
 
 TenantDep = Annotated[str, Depends(get_tenant)]
