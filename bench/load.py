@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import sys
 import tempfile
 import time
@@ -72,7 +73,7 @@ def main() -> None:
     parser.add_argument("--uploads", type=float, default=2, help="dataset uploads per second")
     parser.add_argument("--worker-threads", type=int, default=None)
     args = parser.parse_args()
-    with fresh_postgres_database("pbrf_load") if args.backend == "postgres_redis" else _nothing() as pg:
+    with fresh_postgres_database("pbrf_load") if args.backend == "postgres_redis" else contextlib.nullcontext() as pg:
         tmp = Path(tempfile.mkdtemp(prefix="pbrf-load-"))
         env = _service_env(args.backend, pg)
         if args.worker_threads:
@@ -121,14 +122,6 @@ def main() -> None:
             + table(rows, ["request", "sent per second", "served", "errors", "p50 ms", "p99 ms", "max ms"]) + "\n")
     print(text)
     print(f"written to {write_result(f'load-{args.backend}.md', text)}")
-
-
-class _nothing:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 if __name__ == "__main__":

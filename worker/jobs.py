@@ -571,6 +571,14 @@ def _compute_shard(store: ArtifactStore, model, config: AuditConfig, plan: shard
     return store.put_bytes(_shard_bytes(out)), time.perf_counter() - started
 
 
+def _run_claimed_shard(factory: sessionmaker, settings: Settings, shard_id: uuid.UUID, token: str, compute) -> None:
+    """Run `compute()` (returns (sha256, seconds)) for a shard this process claimed, heartbeating its
+    row meanwhile, and record the result; JobLost when the claim was lost (audit ended, re-claimed)."""
+    with Heartbeat(factory, shard_id, token, settings.heartbeat_seconds, table=AuditShard):
+        sha, seconds = compute()
+    _shard_done(factory, shard_id, token, sha, seconds)
+
+
 def _shard_done(factory: sessionmaker, shard_id: uuid.UUID, token: str, sha: str, seconds: float) -> None:
     def write():
         with factory() as session:
@@ -647,9 +655,7 @@ def _drain_step(factory: sessionmaker, settings: Settings, audit_id: uuid.UUID, 
             with factory() as session:
                 token = claim(session, row.id, worker_name, settings.stale_after_seconds, table=AuditShard)
             if token is not None:
-                with Heartbeat(factory, row.id, token, settings.heartbeat_seconds, table=AuditShard):
-                    sha, seconds = run_shard(row.shard_index)
-                _shard_done(factory, row.id, token, sha, seconds)
+                _run_claimed_shard(factory, settings, row.id, token, lambda: run_shard(row.shard_index))
                 ran = True
                 break
         if not ran:
@@ -786,10 +792,9 @@ def _help_audit(audit_id: uuid.UUID, settings: Settings, factory: sessionmaker) 
             if shard.input_sha256 != state_sha:
                 state_sha = shard.input_sha256
                 state = FittedCurvature.from_bytes(store.path_for(state_sha).read_bytes()) if state_sha else None
-            with Heartbeat(factory, shard.id, token, settings.heartbeat_seconds, table=AuditShard):
-                sha, seconds = _compute_shard(store, loaded.module, config, sharding.ShardPlan.from_dict(shard.plan),
-                                              shard.step, shard.shard_index, inputs_t, labels_t, state)
-            _shard_done(factory, shard.id, token, sha, seconds)
+            _run_claimed_shard(factory, settings, shard.id, token, lambda: _compute_shard(
+                store, loaded.module, config, sharding.ShardPlan.from_dict(shard.plan), shard.step, shard.shard_index,
+                inputs_t, labels_t, state))
         except JobLost:
             continue  # the audit ended or re-claimed the shard: the loop's next check decides
         except Exception as exc:  # the shard fails, and the audit's attempt fails the audit with its error

@@ -9,6 +9,7 @@ and reduced by summation. After all stages, `self_influence` scores batches.
 
 from __future__ import annotations
 
+import json
 import math
 import zlib
 from collections.abc import Callable, Iterator
@@ -82,8 +83,6 @@ class FittedCurvature:
 
     @classmethod
     def from_bytes(cls, data: bytes) -> FittedCurvature:
-        import json
-
         from safetensors.torch import load
 
         # the metadata sits in the JSON header after its 8-byte length (safetensors' format)
@@ -195,8 +194,6 @@ class Estimator:
         return [[name, list(p.shape)] for name, p in self.params.items()]
 
     def _check_stored(self, curvature: FittedCurvature) -> dict:
-        import json
-
         meta = curvature.metadata
         if meta.get("estimator") != self.name:
             raise EngineError(f"stored curvature is '{meta.get('estimator')}', not '{self.name}'")
