@@ -627,3 +627,33 @@ def test_lanczos_at_full_rank_preconditions_as_the_exact_curvature():
     gradients = next(exact.loss_gradients(x[:5], y[:5])).double()
     expected = exact.solve(gradients)
     assert float((lanczos.solve(gradients) - expected).norm() / expected.norm()) < 1e-4
+
+
+def test_a_large_factor_decomposed_in_float32_still_inverts_as_the_float64_one():
+    """Factors of EIGH_FLOAT32_FROM and above are decomposed in float32 (speed): the basis must stay
+    orthonormal to float32 precision and the damped inverse it gives must match float64's, including
+    a dead (always-zero) coordinate that is set aside."""
+    from app.influence.kronecker import EIGH_FLOAT32_FROM, _eigh
+
+    g = torch.Generator().manual_seed(0)
+    d = EIGH_FLOAT32_FROM + 7
+    a = torch.relu(torch.randn(4 * d, d, generator=g)) * torch.linspace(0.01, 3, d)  # decaying spectrum
+    a[:, 5] = 0
+    M = (a.T @ a / a.shape[0]).double()
+    values, vectors = _eigh(M)
+    assert values.dtype == vectors.dtype == torch.float64
+    eye = torch.eye(d, dtype=torch.float64)
+    assert float((vectors.T @ vectors - eye).abs().max()) < 1e-4  # float32 orthogonality on d ~ 1e3
+    assert float(values[0]) == 0.0 and float(vectors[5].abs().max()) == 1.0
+    damping = 0.1 * float(values.mean())
+    inverse = vectors @ torch.diag(1 / (values.clamp_min(0) + damping)) @ vectors.T
+    reference = torch.linalg.inv(M + damping * eye)
+    v = torch.randn(d, generator=g, dtype=torch.float64)
+    got, want = inverse @ v, reference @ v
+    # a float32 decomposition is exact for a perturbation of M of about sqrt(d) eps32 ||M||; the damped
+    # solve magnifies that by its condition number (~3,300 here; measured error 8e-4, bound 6e-3)
+    condition = float(values.max()) / damping
+    bound = d**0.5 * torch.finfo(torch.float32).eps * condition
+    assert float((got - want).norm() / want.norm()) < bound
+    # the self-influence-like quadratic form (measured 5e-5 relative)
+    assert abs(float(v @ got - v @ want)) < 1e-3 * abs(float(v @ want))
