@@ -14,7 +14,8 @@ from torch import nn
 from app.artifacts.loaders import (ArtifactError, LoadedDataset, load_onnx, match_inputs, pack_inputs)
 from app.influence import AuditConfig, run_audit
 from tests.helpers import export_onnx
-from tests.zoo import ResidualCNN, TextClassifier, TinyTransformer, distinct_weights, exported_learned_parameters
+from tests.zoo import (ResidualCNN, SharedBlockMLP, TextClassifier, TiedTokenModel, TinyTransformer, distinct_weights,
+                       exported_learned_parameters)
 
 
 def _mlp():
@@ -42,6 +43,9 @@ SWEEP = {
     "residual-cnn-batchnorm": (lambda: ResidualCNN(classes=5, width=4), lambda n: (torch.randn(n, 3, 16, 16),)),
     "text-classifier-token-ids": (TextClassifier, lambda n: (_ids(n),)),
     "transformer-two-inputs": (lambda: TinyTransformer(layers=2), lambda n: (_ids(n, 16, 64), _mask(n))),
+    # one weight read in two places: counted and audited once
+    "mlp-block-applied-twice": (SharedBlockMLP, lambda n: (torch.randn(n, 8),)),
+    "text-tied-embedding-output": (TiedTokenModel, lambda n: (_ids(n, 6, 20),)),
 }
 
 
@@ -157,3 +161,29 @@ def test_parquet_and_npz_integer_columns_stay_int64_and_float_ones_make_floats(t
     two = load_dataset(tmp_path / "two.npz", "npz", DatasetLimits())
     assert [(s["name"], s["dtype"], s["range"]) for s in two.input_specs] == [
         ("input_ids", "int64", [0, 7]), ("attention_mask", "int64", [1, 1])]
+
+
+@pytest.mark.parametrize("dynamo", [True, False], ids=["dynamo-external-data", "torchscript-exporter"])
+@pytest.mark.parametrize("name", ["mlp-block-applied-twice", "text-tied-embedding-output"])
+def test_a_weight_used_twice_is_scored_as_one_weight(tmp_path, name, dynamo):
+    """Scores of the converted model live in the original model's parameter space: the exact damped
+    self-influence equals the PyTorch model's (its gradient with respect to the shared weight is the sum
+    over both uses), and the block applied twice stays one EK-FAC layer over both calls."""
+    build, batch = SWEEP[name]
+    torch.manual_seed(0)
+    model = distinct_weights(build())
+    path = export_onnx(model, batch(2), tmp_path / "m.onnx", dynamo=dynamo, external_data=dynamo)
+    loaded = load_onnx(path, {p.name: p for p in tmp_path.glob("*.data")})
+    (inputs,) = batch(40)
+    labels = torch.randint(0, 3, (40,), generator=torch.Generator().manual_seed(1))
+    config = AuditConfig(method="exact", damping=1e-3)
+    want = run_audit(model, inputs, labels, config).scores
+    got = run_audit(loaded.module, inputs, labels, config).scores
+    # float32 gradients of two op orders (Gemm vs addmm), through a solve damped at 1e-3
+    torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-6 * float(want.abs().max()))
+    layers = run_audit(loaded.module, inputs, labels, AuditConfig(method="ekfac")).summary["estimator"]["layers"]
+    if name == "mlp-block-applied-twice":
+        assert sorted(layer["num_parameters"] for layer in layers if layer["treatment"] == "ekfac") == [51, 144, 272]
+    else:  # the table (also the output layer) in the fallback, the mixing layer in EK-FAC
+        assert sorted((layer["treatment"], layer["num_parameters"]) for layer in layers) == \
+            [("diagonal GGN (fallback)", 320), ("ekfac", 272)]

@@ -54,6 +54,33 @@ class TextClassifier(nn.Module):
         return self.head(self.norm(self.tokens(ids.long()) + self.positions(self.index)).mean(1))
 
 
+class SharedBlockMLP(nn.Module):
+    """One hidden layer applied twice (weight sharing across depth): the exported graph reads its weight
+    from two nodes, which must stay one audited weight."""
+
+    def __init__(self, width: int = 16, classes: int = 3):
+        super().__init__()
+        self.inp, self.shared, self.head = nn.Linear(8, width), nn.Linear(width, width), nn.Linear(width, classes)
+
+    def forward(self, x):
+        h = torch.relu(self.inp(x))
+        return self.head(torch.relu(self.shared(torch.relu(self.shared(h)))))
+
+
+class TiedTokenModel(nn.Module):
+    """Next-token-style classifier whose output layer is its embedding table (weight tying): classes =
+    vocabulary. One weight used by a lookup and by a linear map."""
+
+    def __init__(self, vocab: int = 20, dim: int = 16):
+        super().__init__()
+        self.tokens, self.mix = nn.Embedding(vocab, dim), nn.Linear(dim, dim)
+        self.head = nn.Linear(dim, vocab, bias=False)
+        self.head.weight = self.tokens.weight
+
+    def forward(self, ids):
+        return self.head(torch.tanh(self.mix(self.tokens(ids.long()).mean(1))))
+
+
 class TinyTransformer(nn.Module):
     """A BERT-shaped text classifier: token + position embeddings, pre-norm blocks of multi-head
     self-attention under a padding mask and a GELU feed-forward, masked mean pooling, a linear head.

@@ -9,6 +9,7 @@ Every rejection is an ArtifactError with a stable slug that the API turns into a
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import math
@@ -327,6 +328,73 @@ def _learned_initializers_as_parameters(module: nn.Module, proto) -> None:
                 module.register_parameter(key, nn.Parameter(buffer.detach().clone()))
 
 
+def _shared_weights_tied(module: nn.Module, proto) -> None:
+    """One learned weight used in several places (a module the model calls twice, an embedding table
+    reused as the output layer) reaches us as copies: onnx2pytorch copies an initializer into every node
+    that reads it, and the TorchScript exporter writes a tied output layer as a second, transposed
+    initializer. The copies would be audited as separate weights, counted twice, and scored in the wrong
+    parameter space. Undo that:
+    - nodes reading one weight whose modules compute the same function (type, settings, weights) become
+      one module called several times, which the engine treats as one layer at several positions;
+    - then parameters with the same shape and the same values become one shared nn.Parameter (the
+      engine gives a weight shared across modules its per-example-gradient fallback).
+    Constant tensors (all zeros, all ones) are left alone: exporters merge equal initializers, so two
+    untrained LayerNorm scales arrive as one tensor without being one weight; trained weights that are
+    equal value for value are one weight."""
+    from onnx import numpy_helper
+
+    initializers = {t.name: t for t in proto.graph.initializer}
+    # initializer -> (node id, attribute name of the node's module) of the nodes reading it
+    readers: dict[str, list[tuple[str, str]]] = {}
+    for node in proto.graph.node:
+        owner = module.mapping.get(node.output[0]) if node.output else None
+        if owner is None or owner not in module._modules:
+            continue
+        for name in dict.fromkeys(node.input):
+            if name in initializers:
+                readers.setdefault(name, []).append((node.output[0], owner))
+    for name, nodes in readers.items():
+        if len(nodes) < 2 or _constant(torch.from_numpy(np.array(numpy_helper.to_array(initializers[name])))):
+            continue
+        kept: list[str] = []
+        for node_id, owner in nodes:
+            candidate = module._modules.get(owner)
+            if candidate is None or not any(True for _ in candidate.parameters()):
+                continue
+            twin = next((k for k in kept if _same_function(module._modules[k], candidate)), None)
+            if twin is None:
+                kept.append(owner)
+            elif twin != owner:
+                # the node runs the twin's module; registering one module under two names would confuse
+                # torch.func, which swaps parameters by name and restores the alias last
+                module.mapping[node_id] = twin
+                if owner not in module.mapping.values():
+                    del module._modules[owner]
+    first: dict[tuple, nn.Parameter] = {}
+    for sub in module.modules():  # each module object once
+        for attr, p in list(sub._parameters.items()):
+            if p is None or not p.is_floating_point() or p.numel() < 2 or _constant(p.detach()):
+                continue
+            key = (tuple(p.shape), p.dtype, hashlib.blake2b(p.detach().reshape(-1).contiguous().view(torch.uint8).numpy(),
+                                                              digest_size=16).digest())
+            shared = first.setdefault(key, p)
+            if shared is not p and torch.equal(shared.detach(), p.detach()):
+                sub._parameters[attr] = shared
+
+
+def _constant(t: torch.Tensor) -> bool:
+    flat = t.reshape(-1)
+    return flat.numel() == 0 or bool((flat == flat[0]).all())
+
+
+def _same_function(a: nn.Module, b: nn.Module) -> bool:
+    if type(a) is not type(b) or a.extra_repr() != b.extra_repr():
+        return False
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(sa[k].shape == sb[k].shape and torch.equal(sa[k], sb[k]) for k in sa) \
+        and [type(m) for m in a.modules()] == [type(m) for m in b.modules()]
+
+
 def _external_references(proto, external: dict[str, Path]) -> list[tuple[object, Path, int, int]]:
     """Check every external-data reference against the uploaded parts before any byte is read: the
     location is the bare name of an uploaded part, the byte range lies inside it and has the tensor's
@@ -510,6 +578,7 @@ def load_onnx(path: Path, external: dict[str, Path] | None = None) -> LoadedMode
         raise ArtifactError("unsupported-onnx", f"the ONNX model could not be converted to PyTorch modules: {exc}") from exc
     _dotless_submodule_names(module)
     _learned_initializers_as_parameters(module, proto)
+    _shared_weights_tied(module, proto)
     if len(specs) > 1 or specs[0]["dtype"] not in ("float32", "int64"):
         module = GraphInputs(module, specs)
     module.eval()

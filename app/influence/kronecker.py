@@ -65,6 +65,18 @@ def _trackable(module: nn.Module) -> bool:
     return False
 
 
+def _shared_parameters(model: nn.Module) -> set[int]:
+    """ids of parameters held by more than one module (tied weights: an embedding table reused as the
+    output layer). A module's hooks see only its own use of such a weight, so it leaves the Kronecker
+    blocks for the fallback, whose per-example gradients (torch.func) sum every use. One module called
+    several times is not sharing: its calls are positions of one layer."""
+    owners: dict[int, int] = {}
+    for module in model.modules():  # each module object once
+        for p in module.parameters(recurse=False):
+            owners[id(p)] = owners.get(id(p), 0) + 1
+    return {key for key, count in owners.items() if count > 1}
+
+
 def _augmented_covariance(aa: torch.Tensor, colsum: torch.Tensor | None, count: int) -> torch.Tensor:
     """sum a a^T of the inputs with a ones column appended (the bias), from sum a a^T, sum a, count."""
     if colsum is None:
@@ -669,7 +681,9 @@ class KroneckerEstimator(Estimator):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.model.eval()
-        self.layers = [_Layer(n, m) for n, m in self.model.named_modules() if _trackable(m)]
+        shared = _shared_parameters(self.model)
+        self.layers = [_Layer(n, m) for n, m in self.model.named_modules()
+                       if _trackable(m) and not any(id(p) in shared for p in m.parameters(recurse=False))]
         covered = {p for layer in self.layers for p in layer.param_names}
         self.fallback_names = [n for n in self.params if n not in covered]
         # fallback parameters of BatchNorm/LayerNorm/Embedding modules: per-example gradients from hooks
