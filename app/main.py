@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import time
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI, Request, Response
+from fastapi import FastAPI, Response
 from fastapi.responses import PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_latest
 from sqlalchemy import text
@@ -46,30 +47,53 @@ def _announce_auth(settings) -> None:
                     "Create one with `pbrf-audit keys create --tenant NAME` or set PBRF_API_KEYS.")
 
 
+class RequestMetrics:
+    """Counts and times requests per method, route template and status, as a plain ASGI middleware
+    (Starlette's BaseHTTPMiddleware runs every response through an extra task and memory stream)."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = time.perf_counter()
+        status = 500  # an exception that escapes the app becomes a 500 further out
+
+        async def recording_send(message):
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, recording_send)
+        finally:
+            # the router records the matched route in the scope; label values come from a fixed set, so
+            # a client inventing HTTP methods or paths cannot add a series per request
+            path = getattr(scope.get("route"), "path", "unmatched")
+            method = scope["method"] if scope["method"] in HTTP_METHODS else "other"
+            REQUESTS.labels(method, path, str(status)).inc()
+            LATENCY.labels(method, path).observe(time.perf_counter() - started)
+
+
 def create_app() -> FastAPI:
     settings = get_settings()
     @asynccontextmanager
     async def lifespan(_app: FastAPI):
         _announce_auth(settings)
         start_validator_server()  # its imports run in the background; the first upload need not wait for them
+        # Everything imported so far (torch, onnx, pydantic schemas: about a million objects) lives as long
+        # as the process. Left in the collector's generations, each full collection walks all of it and
+        # stalls every request for tens of milliseconds; frozen, collections see only request garbage.
+        gc.collect()
+        gc.freeze()
         yield
 
     app = FastAPI(title="pbrf-audit", version="0.1.0", description=DESCRIPTION, lifespan=lifespan)
     install_error_handlers(app)
     app.include_router(artifacts_router)
     app.include_router(audits_router)
-
-    @app.middleware("http")
-    async def metrics(request: Request, call_next):
-        started = time.perf_counter()
-        response = await call_next(request)
-        route = request.scope.get("route")
-        path = getattr(route, "path", "unmatched")
-        # label values from a fixed set: a client inventing HTTP methods must not add a series per request
-        method = request.method if request.method in HTTP_METHODS else "other"
-        REQUESTS.labels(method, path, str(response.status_code)).inc()
-        LATENCY.labels(method, path).observe(time.perf_counter() - started)
-        return response
 
     @app.get("/healthz", tags=["operations"], summary="The process is up")
     def healthz():
@@ -102,6 +126,7 @@ def create_app() -> FastAPI:
     def metrics_endpoint():
         return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
+    app.add_middleware(RequestMetrics)
     # Multipart framing adds a little to the file itself; allow for it.
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_upload_bytes + 64 * 1024)
     if settings.embedded_broker:

@@ -12,7 +12,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import contextlib
+import gc
+import os
 import sys
 import tempfile
 import time
@@ -30,12 +33,81 @@ from tests.helpers import export_onnx, npz_bytes, quick_mlp, synthetic_classific
 
 
 
+def cpu_seconds_by_role(service_session: int) -> dict[str, float]:
+    """CPU seconds (user + system) used so far by each role on this machine: the API (uvicorn), the
+    worker (Celery and its audit process), PostgreSQL, Redis, this client, everything else. Service
+    processes are told apart by their session id (serve runs in a session of its own)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    out: dict[str, float] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            command = (stat.parent / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        pid, session = int(stat.parent.name), int(fields[3])
+        if pid == os.getpid():
+            role = "client"
+        elif session == service_session:
+            role = "API" if "uvicorn" in command else "worker" if "celery" in command else "serve"
+        elif command.startswith("postgres"):
+            role = "PostgreSQL"
+        elif "redis-server" in command:
+            role = "Redis"
+        else:
+            role = "other"
+        out[role] = out.get(role, 0.0) + (int(fields[11]) + int(fields[12])) / tick
+    return out
+
+
+class KeepAliveGets:
+    """GET requests over a pool of HTTP/1.1 keep-alive connections, with no more work per request than
+    writing it and reading the status line, the headers and Content-Length bytes. httpx spends more CPU
+    per request than the API does (measured: the client kept 0.8 of the 2 cores busy at 200 requests/s,
+    the API 0.3), so with it the load generator, sharing the machine, was what this bench measured."""
+
+    def __init__(self, host: str, port: int):
+        self.host, self.port, self.idle = host, port, []
+
+    async def get(self, path: str) -> int:
+        while self.idle:
+            try:
+                return await self._get(self.idle.pop(), path)
+            except (asyncio.IncompleteReadError, ConnectionError) as exc:
+                # a connection the server closed while it sat idle (uvicorn's keep-alive timeout): like any
+                # HTTP client, send again on another one, but only if no byte of a response came back
+                if getattr(exc, "partial", b""):
+                    raise
+        return await self._get(await asyncio.open_connection(self.host, self.port), path)
+
+    async def _get(self, connection, path: str) -> int:
+        reader, writer = connection
+        try:
+            writer.write(f"GET {path} HTTP/1.1\r\nHost: {self.host}\r\n\r\n".encode())
+            head = await reader.readuntil(b"\r\n\r\n")
+            fields = dict(line.split(b":", 1) for line in head.lower().split(b"\r\n")[1:] if b":" in line)
+            await reader.readexactly(int(fields.get(b"content-length", b"0")))
+        except BaseException:
+            writer.close()
+            raise
+        if fields.get(b"connection", b"").strip() == b"close":
+            writer.close()
+        else:
+            self.idle.append((reader, writer))
+        return int(head[9:12])
+
+    def close(self) -> None:
+        for _, writer in self.idle:
+            writer.close()
+
+
 async def timed(scheduled: float, send, latencies: list, errors: list, expected: int) -> None:
     try:
         r = await send()
-        if r.status_code != expected:
-            errors.append(r.status_code)
-    except httpx.HTTPError as exc:
+        status = r if isinstance(r, int) else r.status_code
+        if status != expected:
+            errors.append(status)
+    except (httpx.HTTPError, OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError) as exc:
         errors.append(type(exc).__name__)
     latencies.append(time.perf_counter() - scheduled)
 
@@ -58,11 +130,15 @@ async def open_loop(rate: float, seconds: float, send, expected: int):
 
 async def run(service, audit_id, seconds, rate, upload_rate, content):
     limits = httpx.Limits(max_connections=256, max_keepalive_connections=64)
+    gets = KeepAliveGets("127.0.0.1", service.port)
     async with httpx.AsyncClient(base_url=service.url, timeout=30, limits=limits) as client:
-        polls = open_loop(rate, seconds, lambda: client.get(f"/v1/audits/{audit_id}"), 200)
+        polls = open_loop(rate, seconds, lambda: gets.get(f"/v1/audits/{audit_id}"), 200)
         uploads = open_loop(upload_rate, seconds,
                             lambda: client.post("/v1/datasets", files={"file": ("d.npz", content)}), 201)
-        return await asyncio.gather(polls, uploads)
+        try:
+            return await asyncio.gather(polls, uploads)
+        finally:
+            gets.close()
 
 
 def main() -> None:
@@ -72,6 +148,7 @@ def main() -> None:
     parser.add_argument("--rate", type=float, default=200, help="status polls per second")
     parser.add_argument("--uploads", type=float, default=2, help="dataset uploads per second")
     parser.add_argument("--worker-threads", type=int, default=None)
+    parser.add_argument("--idle-worker", action="store_true", help="cancel the audit first: polls with no audit running")
     args = parser.parse_args()
     with fresh_postgres_database("pbrf_load") if args.backend == "postgres_redis" else contextlib.nullcontext() as pg:
         tmp = Path(tempfile.mkdtemp(prefix="pbrf-load-"))
@@ -94,14 +171,27 @@ def main() -> None:
                 while client.get(f"/v1/audits/{audit['id']}").json()["status"] == "queued":
                     time.sleep(0.1)
                 time.sleep(2)  # into the audit's computing
+                if args.idle_worker:  # the baseline: the same polls with the worker idle
+                    client.post(f"/v1/audits/{audit['id']}/cancel")
+                    while client.get(f"/v1/audits/{audit['id']}").json()["status"] != "cancelled":
+                        time.sleep(0.1)
             small = npz_bytes(inputs=inputs[:200], labels=labels[:200])
+            # the client's heap (torch, the test helpers) is large: a full collection in the middle of the
+            # open loop stalls its sending for tens of ms. What exists now is never garbage: freeze it.
+            gc.collect()
+            gc.freeze()
+            cpu_before, wall_before = cpu_seconds_by_role(service.process.pid), time.perf_counter()
             (polls, poll_errors, lags), (uploads, upload_errors, _) = asyncio.run(
                 run(service, audit["id"], args.seconds, args.rate, args.uploads, small))
+            cpu_after, wall = cpu_seconds_by_role(service.process.pid), time.perf_counter() - wall_before
             with service.client() as client:
                 state = client.get(f"/v1/audits/{audit['id']}").json()
                 client.post(f"/v1/audits/{audit['id']}/cancel")  # the worker's warm shutdown would wait for it
         finally:
             service.stop()
+    for name, errs in (("polls", poll_errors), ("uploads", upload_errors)):
+        if errs:
+            print(f"{name}: errors {collections.Counter(errs).most_common()}")
     rows = []
     for name, lat, errs, rate in (("GET /v1/audits/{id}", polls, poll_errors, args.rate),
                                   ("POST /v1/datasets (200 rows)", uploads, upload_errors, args.uploads)):
@@ -111,15 +201,23 @@ def main() -> None:
         rows.append({"request": name, "sent per second": rate, "served": len(lat), "errors": len(errs),
                      "p50 ms": float(np.percentile(lat_ms, 50)), "p99 ms": float(np.percentile(lat_ms, 99)),
                      "max ms": float(lat_ms.max())})
+    # cores each role kept busy on average while the requests ran (2.0 = the whole machine)
+    cores = {role: (cpu_after.get(role, 0.0) - cpu_before.get(role, 0.0)) / wall for role in cpu_after}
+    usage = ", ".join(f"{role} {value:.2f}" for role, value in sorted(cores.items(), key=lambda kv: -kv[1])
+                      if value >= 0.005)
     threads = args.worker_threads or "serve's default (one core left to the API)"
     text = (f"# Load check on loopback ({args.backend})\n\nOpen loop for {args.seconds:.0f} s: {args.rate:.0f} status polls "
             f"and {args.uploads:g} uploads per second, each sent on schedule and timed from its scheduled "
             f"moment, against `pbrf-audit serve` (one uvicorn process, one worker; worker torch threads: {threads}) "
             f"while a `lanczos` audit of 200,000 examples ran on the worker (its state at the end: {state['status']}, "
             f"stage {state['stage']!r}). The client runs on the same machine; its own lag in sending: p99 "
-            f"{np.percentile(np.array(lags) * 1000, 99):.1f} ms.\n"
-            f"Environment: {environment()}, {__import__('os').cpu_count()} cores\n\n"
+            f"{np.percentile(np.array(lags) * 1000, 99):.1f} ms. Cores busy on average while the requests "
+            f"ran, by role: {usage} (of {os.cpu_count()}).\n"
+            f"Environment: {environment()}, {os.cpu_count()} cores\n\n"
             + table(rows, ["request", "sent per second", "served", "errors", "p50 ms", "p99 ms", "max ms"]) + "\n")
+    if args.idle_worker:
+        text = text.replace("while a `lanczos` audit of 200,000 examples ran on the worker", "with the worker idle "
+                            "(the `lanczos` audit polled was cancelled first)")
     print(text)
     print(f"written to {write_result(f'load-{args.backend}.md', text)}")
 

@@ -97,3 +97,29 @@ def test_the_storage_quota_counts_each_stored_curvature_file_once(tmp_path):
         session.commit()
         results = 4 * audit_result_bytes(50, max_flags=1000)  # the four of tenant t holding results
         assert stored_bytes(session, "t", max_flags=1000) == 1000 + 2000 + results + 7000 + 500
+
+
+def test_open_mode_ends_within_a_second_of_the_first_key_and_a_revoked_key_at_once(tmp_path, monkeypatch):
+    """Whether any key exists is cached for OPEN_MODE_CHECK_SECONDS (polls in open mode would otherwise
+    each count the key table); a presented key is looked up every time. Real SQL on SQLite."""
+    import time
+
+    from sqlalchemy import create_engine
+    from sqlalchemy.orm import Session
+
+    from app.auth import service as auth
+    from app.core.db import Base
+
+    monkeypatch.setattr(auth, "_any_keys_seen", None)
+    engine = create_engine(f"sqlite:///{tmp_path / 'keys.db'}")
+    Base.metadata.create_all(engine)
+    with Session(engine) as session:
+        assert auth.any_keys(session, {}) is False
+        row, secret = auth.create_key(session, "acme", "ci")
+        session.commit()
+        assert auth.tenant_for_secret(session, secret, {}) == "acme"
+        time.sleep(auth.OPEN_MODE_CHECK_SECONDS + 0.05)
+        assert auth.any_keys(session, {}) is True
+        assert auth.revoke_key(session, row.id)
+        session.commit()
+        assert auth.tenant_for_secret(session, secret, {}) is None  # no cache on the presented key

@@ -9,13 +9,15 @@ import uuid
 from typing import Annotated
 
 from fastapi import APIRouter, File, Form, Header, Query, Response, UploadFile
+from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import StreamingResponse
 from sqlalchemy.exc import InvalidRequestError
 
 from app.artifacts.router import IdempotencyKey
 from app.auth import idempotency
 
-from app.core.deps import SessionDep, SettingsDep, StoreDep, TenantDep
+from app.core.db import get_sessionmaker
+from app.core.deps import CredentialsDep, SessionDep, SettingsDep, StoreDep, TenantDep, resolve_tenant
 from app.core.errors import PROBLEM_RESPONSES, QUOTA_RESPONSES, not_found
 from app.core.pagination import decode_cursor, encode_cursor
 from app.influence.registry import available_methods
@@ -69,11 +71,17 @@ def list_audits(session: SessionDep, tenant: TenantDep, limit: Annotated[int, Qu
 
 
 @router.get("/audits/{audit_id}", response_model=AuditOut, tags=["audits"])
-def get_audit(audit_id: uuid.UUID, session: SessionDep, tenant: TenantDep, response: Response):
-    audit = _audit_or_404(session, tenant, audit_id)
-    if audit.status in ("queued", "running"):
-        response.headers["Retry-After"] = "2"
-    return audit
+async def get_audit(audit_id: uuid.UUID, settings: SettingsDep, credentials: CredentialsDep):
+    # The endpoint clients poll: its session, tenant lookup, query and serialisation run in one threadpool
+    # hop (sync dependencies would take one hop each, and FastAPI would validate the model a second time).
+    def poll() -> tuple[str, str]:
+        with get_sessionmaker()() as session:
+            audit = _audit_or_404(session, resolve_tenant(session, settings, credentials), audit_id)
+            return AuditOut.model_validate(audit).model_dump_json(), audit.status
+
+    body, status = await run_in_threadpool(poll)
+    return Response(body, media_type="application/json",
+                    headers={"Retry-After": "2"} if status in ("queued", "running") else None)
 
 
 @router.delete("/audits/{audit_id}", status_code=204, tags=["audits"], responses=RESULT_RESPONSES,

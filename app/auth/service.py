@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import hashlib
 import secrets
+import time
 import uuid
 from functools import lru_cache
 
-from sqlalchemy import func, select, update
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from app.core.timeutil import utcnow
@@ -59,7 +60,21 @@ def tenant_for_secret(session: Session, secret: str, static: dict[str, str]) -> 
     return session.scalar(select(ApiKey.tenant_id).where(ApiKey.secret_sha256 == digest, ApiKey.revoked_at.is_(None)))
 
 
+# Whether the server runs open (no key anywhere) is asked by every request that comes without a key: the
+# answer is kept this long, so that a key created with the CLI is required everywhere within a second
+# while polls in open mode do not each count the key table. Lookups of a presented key are not cached:
+# a revoked key stops working at once.
+OPEN_MODE_CHECK_SECONDS = 1.0
+_any_keys_seen: tuple[float, bool] | None = None
+
+
 def any_keys(session: Session, static: dict[str, str]) -> bool:
+    global _any_keys_seen
     if static:
         return True
-    return bool(session.scalar(select(func.count()).select_from(ApiKey).where(ApiKey.revoked_at.is_(None))))
+    now = time.monotonic()
+    if _any_keys_seen is not None and now - _any_keys_seen[0] < OPEN_MODE_CHECK_SECONDS:
+        return _any_keys_seen[1]
+    found = session.scalar(select(ApiKey.id).where(ApiKey.revoked_at.is_(None)).limit(1)) is not None
+    _any_keys_seen = (now, found)
+    return found

@@ -13,8 +13,14 @@ from .db import get_session
 from .errors import ProblemError
 from .storage import ArtifactStore
 
+async def settings_dependency() -> Settings:
+    """The cached settings, as a coroutine: FastAPI runs a plain-def dependency in its threadpool, a
+    thread handoff per request for a value that never changes."""
+    return get_settings()
+
+
 SessionDep = Annotated[Session, Depends(get_session)]
-SettingsDep = Annotated[Settings, Depends(get_settings)]
+SettingsDep = Annotated[Settings, Depends(settings_dependency)]
 
 
 def get_store(settings: SettingsDep) -> ArtifactStore:
@@ -29,8 +35,14 @@ DEFAULT_TENANT = "default"
 bearer = HTTPBearer(auto_error=False, description="API key: `Authorization: Bearer pbrf_...`")
 
 
-def get_tenant(session: SessionDep, settings: SettingsDep,
-               credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> str:
+CredentialsDep = Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]
+
+
+def get_tenant(session: SessionDep, settings: SettingsDep, credentials: CredentialsDep) -> str:
+    return resolve_tenant(session, settings, credentials)
+
+
+def resolve_tenant(session: Session, settings: Settings, credentials: HTTPAuthorizationCredentials | None) -> str:
     from app.auth import service as auth
 
     static = auth.static_keys(settings.api_keys)
