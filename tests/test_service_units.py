@@ -123,3 +123,49 @@ def test_open_mode_ends_within_a_second_of_the_first_key_and_a_revoked_key_at_on
         assert auth.revoke_key(session, row.id)
         session.commit()
         assert auth.tenant_for_secret(session, secret, {}) is None  # no cache on the presented key
+
+
+def test_deleting_a_dataset_takes_one_short_transaction_per_audit(tmp_path):
+    """A dataset audited many times is deleted audit by audit, each in its own transaction (so the write
+    lock is never held for all their flag rows at once), then the dataset; everything is gone. An audit
+    still running refuses the deletion before anything is deleted. Real SQL on SQLite."""
+    import uuid
+
+    from sqlalchemy import create_engine, event, func, select
+    from sqlalchemy.orm import Session
+
+    from app.artifacts.tables import DatasetArtifact, ModelArtifact
+    from app.audits.service import delete_input
+    from app.audits.tables import Audit, AuditFlag
+    from app.core.db import Base
+
+    engine = create_engine(f"sqlite:///{tmp_path / 'delete.db'}")
+    Base.metadata.create_all(engine)
+    commits = []
+    with Session(engine) as session:
+        model = ModelArtifact(tenant_id="t", name="m", format="onnx", sha256="a" * 64, size_bytes=1000,
+                              num_parameters=10, input_shape=[4], num_outputs=3)
+        dataset = DatasetArtifact(tenant_id="t", name="d", format="npz", sha256="b" * 64, size_bytes=2000,
+                                  num_examples=50, num_classes=3, input_shape=[4], label_counts=[20, 20, 10])
+        session.add_all([model, dataset])
+        session.flush()
+        ids = [uuid.uuid4() for _ in range(3)]
+        for i, audit_id in enumerate(ids):
+            session.add(Audit(id=audit_id, tenant_id="t", status="queued" if i == 2 else "succeeded",
+                              model_id=model.id, dataset_id=dataset.id, method="ekfac", params={}))
+            session.flush()
+            session.add_all([AuditFlag(audit_id=audit_id, rank=r, example_index=r, given_label=0, predicted_label=1,
+                                       score=1.0, loss=1.0, given_label_probability=0.1) for r in range(1, 101)])
+        session.commit()
+        with pytest.raises(ProblemError) as refused:
+            delete_input(session, "t", dataset, "dataset")
+        assert refused.value.status == 409
+        assert session.scalar(select(func.count()).select_from(AuditFlag)) == 300  # nothing deleted
+        session.get(Audit, ids[2]).status = "failed"
+        session.commit()
+        event.listen(session, "after_commit", lambda s: commits.append(1))
+        delete_input(session, "t", dataset, "dataset")
+        assert len(commits) == 4  # three audits, then the dataset
+        assert session.scalar(select(func.count()).select_from(AuditFlag)) == 0
+        assert session.scalar(select(func.count()).select_from(Audit)) == 0
+        assert session.get(DatasetArtifact, dataset.id) is None

@@ -168,14 +168,8 @@ def delete_audit(session: Session, audit: Audit) -> None:
     if audit.status in ACTIVE:
         raise ProblemError(409, "audit-active", f"the audit is {audit.status}; cancel it before deleting it")
     _refuse_active_attributions(session, [audit.id])
-    # compare-and-set: an audit that a racing request re-queued is not deleted under it
-    session.execute(delete(Attribution).where(Attribution.audit_id == audit.id))
-    session.execute(delete(AuditFlag).where(AuditFlag.audit_id == audit.id))
-    session.execute(delete(AuditShard).where(AuditShard.audit_id == audit.id))
-    done = session.execute(delete(Audit).where(Audit.id == audit.id, Audit.status.not_in(ACTIVE)))
-    if done.rowcount != 1:
-        session.rollback()
-        raise ProblemError(409, "audit-active", "the audit is queued or running; cancel it before deleting it")
+    _delete_finished_audits(session, [audit.id], ProblemError(
+        409, "audit-active", "the audit is queued or running; cancel it before deleting it"))
     session.commit()
 
 
@@ -198,14 +192,35 @@ def delete_input(session: Session, tenant_id: str, row, kind: str) -> None:
         raise ProblemError(409, f"{kind}-in-use", f"audit {active} is queued or running on this {kind}; "
                            "cancel it or wait for it to finish before deleting")
     finished = session.scalars(uses).all()
-    if finished:
-        _refuse_active_attributions(session, finished)
-        session.execute(delete(Attribution).where(Attribution.audit_id.in_(finished)))
-        session.execute(delete(AuditFlag).where(AuditFlag.audit_id.in_(finished)))
-        session.execute(delete(AuditShard).where(AuditShard.audit_id.in_(finished)))
-        session.execute(delete(Audit).where(Audit.id.in_(finished)))
+    _refuse_active_attributions(session, finished)
+    # One transaction per audit: each holds the write lock for at most max_flags flag rows, where one
+    # transaction for all of them would hold it for their sum (a dataset audited many times) and lock
+    # other tenants' writes out. Each step leaves a consistent state: a crash, or a 409 below, leaves the
+    # input with fewer finished audits, and deleting it again finishes the job.
+    in_use = ProblemError(409, f"{kind}-in-use", f"an audit was queued on this {kind} while it was being "
+                          "deleted; cancel it or wait for it to finish, then delete again")
+    for audit_id in finished:
+        _delete_finished_audits(session, [audit_id], in_use)
+        session.commit()
+    # an audit created on the input meanwhile: refused while it runs, removed with the input once finished
+    _delete_finished_audits(session, session.scalars(uses).all(), in_use)
     session.delete(row)
     session.commit()
+
+
+def _delete_finished_audits(session: Session, audit_ids, refusal: ProblemError) -> None:
+    """Delete audits and their rows, compare-and-set: if one of them was (re)queued meanwhile, nothing
+    is deleted and `refusal` is raised."""
+    audit_ids = list(audit_ids)
+    if not audit_ids:
+        return
+    session.execute(delete(Attribution).where(Attribution.audit_id.in_(audit_ids)))
+    session.execute(delete(AuditFlag).where(AuditFlag.audit_id.in_(audit_ids)))
+    session.execute(delete(AuditShard).where(AuditShard.audit_id.in_(audit_ids)))
+    done = session.execute(delete(Audit).where(Audit.id.in_(audit_ids), Audit.status.not_in(ACTIVE)))
+    if done.rowcount != len(audit_ids):
+        session.rollback()
+        raise refusal
 
 
 def referenced_digests(session: Session) -> set[str]:
