@@ -72,12 +72,17 @@ def list_audits(session: SessionDep, tenant: TenantDep, limit: Annotated[int, Qu
 
 @router.get("/audits/{audit_id}", response_model=AuditOut, tags=["audits"])
 async def get_audit(audit_id: uuid.UUID, settings: SettingsDep, credentials: CredentialsDep):
-    # The endpoint clients poll: its session, tenant lookup, query and serialisation run in one threadpool
-    # hop (sync dependencies would take one hop each, and FastAPI would validate the model a second time).
+    return await _polled(settings, credentials, lambda session, tenant: _audit_or_404(session, tenant, audit_id),
+                         AuditOut)
+
+
+async def _polled(settings, credentials, find, schema) -> Response:
+    """A job's status, which clients poll: session, tenant lookup, query and serialisation in one threadpool
+    hop (sync dependencies take one hop each, and FastAPI would validate the response model again)."""
     def poll() -> tuple[str, str]:
         with get_sessionmaker()() as session:
-            audit = _audit_or_404(session, resolve_tenant(session, settings, credentials), audit_id)
-            return AuditOut.model_validate(audit).model_dump_json(), audit.status
+            job = find(session, resolve_tenant(session, settings, credentials))
+            return schema.model_validate(job).model_dump_json(), job.status
 
     body, status = await run_in_threadpool(poll)
     return Response(body, media_type="application/json",
@@ -194,11 +199,9 @@ def _attribution_or_404(session, tenant, attribution_id):
 
 
 @router.get("/attributions/{attribution_id}", response_model=AttributionOut, tags=["attributions"])
-def get_attribution(attribution_id: uuid.UUID, session: SessionDep, tenant: TenantDep, response: Response):
-    row = _attribution_or_404(session, tenant, attribution_id)
-    if row.status in ("queued", "running"):
-        response.headers["Retry-After"] = "2"
-    return row
+async def get_attribution(attribution_id: uuid.UUID, settings: SettingsDep, credentials: CredentialsDep):
+    return await _polled(settings, credentials,
+                         lambda session, tenant: _attribution_or_404(session, tenant, attribution_id), AttributionOut)
 
 
 @router.post("/attributions/{attribution_id}/cancel", response_model=AttributionOut, tags=["attributions"],
