@@ -657,3 +657,21 @@ def test_a_large_factor_decomposed_in_float32_still_inverts_as_the_float64_one()
     assert float((got - want).norm() / want.norm()) < bound
     # the self-influence-like quadratic form (measured 5e-5 relative)
     assert abs(float(v @ got - v @ want)) < 1e-3 * abs(float(v @ want))
+
+
+@pytest.mark.parametrize("stride,dilation,padding", [((2, 3), (2, 1), (1, 2)), (1, 1, 0), (2, 1, 0), (3, 2, 3)])
+def test_conv_patches_equal_unfold_for_any_stride_dilation_and_padding(stride, dilation, padding):
+    """The patch matrix is built by strided copies from the padded image: it must be exactly F.unfold's
+    patches (plus the bias row), example-major, for every geometry."""
+    from app.influence.kronecker import _Layer
+
+    conv = nn.Conv2d(3, 4, (3, 2), stride=stride, dilation=dilation, padding=padding)
+    layer = _Layer("conv", conv)
+    x = torch.randn(5, 3, 11, 13)
+    got = layer.patch_matrix(x)
+    unfolded = nn.functional.unfold(x, conv.kernel_size, dilation=conv.dilation, padding=conv.padding,
+                                    stride=conv.stride)  # (B, d, T)
+    B, d, T = unfolded.shape
+    want = torch.cat([unfolded.transpose(0, 1).reshape(d, B * T), torch.ones(1, B * T)])
+    assert got.shape == want.shape and torch.equal(got, want)
+    assert conv(x).shape[2] * conv(x).shape[3] == T

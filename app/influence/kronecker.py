@@ -19,8 +19,8 @@ the score is ((U R) * V).sum(1) with R = 1/(Lambda + lambda): no per-example gra
 Multi-position layers form G~_n with batched matrix products in chunks of the batch, each side rotated
 where it costs fewer multiply-adds: the inputs once per batch on the T positions (T d^2), or each
 formed gradient (o d^2; the output side likewise, T o^2 or o^2 d). A convolution's patches are written,
-once per batch and pass, into a reused buffer as a (d_in, B*T) matrix (stride 1: one strided copy per
-kernel offset; otherwise im2col), which gives A as one matrix product, Q_A^T times the patches as
+once per batch and pass, into a reused buffer as a (d_in, B*T) matrix (one strided copy per kernel
+offset, any stride), which gives A as one matrix product, Q_A^T times the patches as
 another, and each example's (d_in, T) block as a view. What every set of output gradients of a batch
 shares (patches, rotated inputs) is computed once per batch. Eigendecompositions skip coordinates
 that are always zero (a kernel offset that only ever sees padding): their unit vectors are eigenvectors.
@@ -232,33 +232,30 @@ class _Layer:
         """A convolution's unfolded, bias-augmented patches as a (d_in, B*T) matrix, rows in the weight's
         (C, kh, kw) order then the ones row, columns example-major, in a reused buffer (`slot`: one per
         call of the layer in a batch). Example b's (d_in, T) patch matrix is view(d_in, B, T)[:, b].
-        Stride 1: one strided copy per kernel offset from the padded image (contiguous runs); otherwise
-        im2col, then one transposing copy."""
+        One strided copy per kernel offset from the padded image, whatever the stride (for stride 2 this
+        measured 25% faster than im2col followed by the transposing copy it needs)."""
         m = self.module
         B, C, H, W = x.shape
         (kh, kw), (sh, sw), (dh, dw), (ph, pw) = m.kernel_size, m.stride, m.dilation, self.padding
         ho, wo = self.out_size(x)
         d = C * kh * kw
         out = self._buffer(f"patches{slot}", (self.d_in, B, ho, wo), x)
-        if (sh, sw) != (1, 1):
-            cols = self._buffer(f"im2col{slot}", (B, d, ho * wo), x)
-            torch._C._nn.im2col(x, [kh, kw], [dh, dw], [ph, pw], [sh, sw], out=cols)
-            out[:d].view(d, B, ho * wo).copy_(cols.transpose(0, 1))
+        if ph or pw:
+            # the borders stay zero: only the interior is ever written (a new image size re-makes it)
+            key = f"padded{slot}:{C}x{H}x{W}"
+            if key not in self.workspace:
+                for old in [k for k in self.workspace if k.startswith(f"padded{slot}:")]:
+                    del self.workspace[old]
+            padded = self._buffer(key, (B, C, H + 2 * ph, W + 2 * pw), x, zero=True)
+            padded[:, :, ph : ph + H, pw : pw + W].copy_(x)
         else:
-            if ph or pw:
-                # the borders stay zero: only the interior is ever written (a new image size re-makes it)
-                key = f"padded{slot}:{C}x{H}x{W}"
-                if key not in self.workspace:
-                    for old in [k for k in self.workspace if k.startswith(f"padded{slot}:")]:
-                        del self.workspace[old]
-                padded = self._buffer(key, (B, C, H + 2 * ph, W + 2 * pw), x, zero=True)
-                padded[:, :, ph : ph + H, pw : pw + W].copy_(x)
-            else:
-                padded = x
-            weights = out[:d].view(C, kh, kw, B, ho, wo)
-            for i in range(kh):
-                for j in range(kw):
-                    weights[:, i, j].copy_(padded[:, :, i * dh : i * dh + ho, j * dw : j * dw + wo].transpose(0, 1))
+            padded = x
+        weights = out[:d].view(C, kh, kw, B, ho, wo)
+        for i in range(kh):
+            for j in range(kw):
+                rows = slice(i * dh, i * dh + (ho - 1) * sh + 1, sh)
+                columns = slice(j * dw, j * dw + (wo - 1) * sw + 1, sw)
+                weights[:, i, j].copy_(padded[:, :, rows, columns].transpose(0, 1))
         if self.has_bias:
             out[-1].fill_(1)
         return out.view(self.d_in, B * ho * wo)
