@@ -59,6 +59,19 @@ def test_audit_memory_estimate_grows_with_the_parameters_that_drive_it():
     assert verify["PBRF verification"] > 0
 
 
+def _model_and_dataset(session):
+    """A model row (1,000 bytes) and a dataset row (2,000 bytes, 50 examples) of tenant t, flushed."""
+    from app.artifacts.tables import DatasetArtifact, ModelArtifact
+
+    model = ModelArtifact(tenant_id="t", name="m", format="onnx", sha256="a" * 64, size_bytes=1000,
+                          num_parameters=10, input_shape=[4], num_outputs=3)
+    dataset = DatasetArtifact(tenant_id="t", name="d", format="npz", sha256="b" * 64, size_bytes=2000,
+                              num_examples=50, num_classes=3, input_shape=[4], label_counts=[20, 20, 10])
+    session.add_all([model, dataset])
+    session.flush()
+    return model, dataset
+
+
 def test_the_storage_quota_counts_each_stored_curvature_file_once(tmp_path):
     """An audit's stored curvature counts against its tenant's quota once written, once per file
     (audits that reuse a curvature share it), not while failed or for another tenant. Real SQL on an
@@ -68,7 +81,6 @@ def test_the_storage_quota_counts_each_stored_curvature_file_once(tmp_path):
     from sqlalchemy import create_engine
     from sqlalchemy.orm import Session
 
-    from app.artifacts.tables import DatasetArtifact, ModelArtifact
     from app.audits.quota import audit_result_bytes, stored_bytes
     from app.audits.tables import Audit
     from app.core.db import Base
@@ -76,12 +88,7 @@ def test_the_storage_quota_counts_each_stored_curvature_file_once(tmp_path):
     engine = create_engine(f"sqlite:///{tmp_path / 'quota.db'}")
     Base.metadata.create_all(engine)
     with Session(engine) as session:
-        model = ModelArtifact(tenant_id="t", name="m", format="onnx", sha256="a" * 64, size_bytes=1000,
-                              num_parameters=10, input_shape=[4], num_outputs=3)
-        dataset = DatasetArtifact(tenant_id="t", name="d", format="npz", sha256="b" * 64, size_bytes=2000,
-                                  num_examples=50, num_classes=3, input_shape=[4], label_counts=[20, 20, 10])
-        session.add_all([model, dataset])
-        session.flush()
+        model, dataset = _model_and_dataset(session)
 
         def audit(status, sha=None, size=None, tenant="t"):
             session.add(Audit(id=uuid.uuid4(), tenant_id=tenant, status=status, model_id=model.id,
@@ -134,7 +141,7 @@ def test_deleting_a_dataset_takes_one_short_transaction_per_audit(tmp_path):
     from sqlalchemy import create_engine, event, func, select
     from sqlalchemy.orm import Session
 
-    from app.artifacts.tables import DatasetArtifact, ModelArtifact
+    from app.artifacts.tables import DatasetArtifact
     from app.audits.service import delete_input
     from app.audits.tables import Audit, AuditFlag
     from app.core.db import Base
@@ -143,12 +150,7 @@ def test_deleting_a_dataset_takes_one_short_transaction_per_audit(tmp_path):
     Base.metadata.create_all(engine)
     commits = []
     with Session(engine) as session:
-        model = ModelArtifact(tenant_id="t", name="m", format="onnx", sha256="a" * 64, size_bytes=1000,
-                              num_parameters=10, input_shape=[4], num_outputs=3)
-        dataset = DatasetArtifact(tenant_id="t", name="d", format="npz", sha256="b" * 64, size_bytes=2000,
-                                  num_examples=50, num_classes=3, input_shape=[4], label_counts=[20, 20, 10])
-        session.add_all([model, dataset])
-        session.flush()
+        model, dataset = _model_and_dataset(session)
         ids = [uuid.uuid4() for _ in range(3)]
         for i, audit_id in enumerate(ids):
             session.add(Audit(id=audit_id, tenant_id="t", status="queued" if i == 2 else "succeeded",
