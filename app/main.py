@@ -126,9 +126,9 @@ def create_app() -> FastAPI:
     def metrics_endpoint():
         return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
-    app.add_middleware(RequestMetrics)
     # Multipart framing adds a little to the file itself; allow for it.
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_upload_bytes + 64 * 1024)
+    app.add_middleware(RequestMetrics)  # added last: outermost, so it sees the 413 the limit answers
     if settings.embedded_broker:
         log.warning("embedded mode: SQLite at %s, artifacts in %s, filesystem broker in %s",
                     settings.database_url, settings.storage_dir, settings.queue_dir)

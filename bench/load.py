@@ -34,6 +34,7 @@ from tests.helpers import export_onnx, npz_bytes, quick_mlp, synthetic_classific
 
 
 def cpu_seconds_by_role(service_session: int) -> dict[str, float]:
+    # service_session: the pid of `serve`, which tests.conftest.Service starts in a session of its own
     """CPU seconds (user + system) used so far by each role on this machine: the API (uvicorn), the
     worker (Celery and its audit process), PostgreSQL, Redis, this client, everything else. Service
     processes are told apart by their session id (serve runs in a session of its own)."""
@@ -76,7 +77,8 @@ class KeepAliveGets:
             except (asyncio.IncompleteReadError, ConnectionError) as exc:
                 # a connection the server closed while it sat idle (uvicorn's keep-alive timeout): like any
                 # HTTP client, send again on another one, but only if no byte of a response came back
-                if getattr(exc, "partial", b""):
+                # (an IncompleteReadError with `expected` set came from the body: the head had arrived)
+                if isinstance(exc, asyncio.IncompleteReadError) and (exc.partial or exc.expected is not None):
                     raise
         return await self._get(await asyncio.open_connection(self.host, self.port), path)
 
@@ -84,13 +86,16 @@ class KeepAliveGets:
         reader, writer = connection
         try:
             writer.write(f"GET {path} HTTP/1.1\r\nHost: {self.host}\r\n\r\n".encode())
-            head = await reader.readuntil(b"\r\n\r\n")
-            fields = dict(line.split(b":", 1) for line in head.lower().split(b"\r\n")[1:] if b":" in line)
-            await reader.readexactly(int(fields.get(b"content-length", b"0")))
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 30)
+            fields = {k.strip(): v.strip() for k, v in (line.split(b":", 1) for line in
+                                                        head.lower().split(b"\r\n")[1:] if b":" in line)}
+            if b"content-length" not in fields:  # chunked or close-delimited: not what this client reads
+                raise ValueError(f"response without Content-Length: {head[:80]!r}")
+            await asyncio.wait_for(reader.readexactly(int(fields[b"content-length"])), 30)
         except BaseException:
             writer.close()
             raise
-        if fields.get(b"connection", b"").strip() == b"close":
+        if fields.get(b"connection") == b"close":
             writer.close()
         else:
             self.idle.append((reader, writer))
@@ -107,7 +112,8 @@ async def timed(scheduled: float, send, latencies: list, errors: list, expected:
         status = r if isinstance(r, int) else r.status_code
         if status != expected:
             errors.append(status)
-    except (httpx.HTTPError, OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError) as exc:
+    except (httpx.HTTPError, OSError, ValueError, asyncio.IncompleteReadError, asyncio.LimitOverrunError,
+            asyncio.TimeoutError) as exc:
         errors.append(type(exc).__name__)
     latencies.append(time.perf_counter() - scheduled)
 

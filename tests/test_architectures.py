@@ -14,7 +14,7 @@ from torch import nn
 from app.artifacts.loaders import (ArtifactError, LoadedDataset, load_onnx, match_inputs, pack_inputs)
 from app.influence import AuditConfig, run_audit
 from tests.helpers import export_onnx
-from tests.zoo import (ResidualCNN, SharedBlockMLP, TextClassifier, TiedTokenModel, TinyTransformer, distinct_weights,
+from tests.zoo import (ResidualCNN, SharedBlockMLP, SharedKernelTwoDilations, TextClassifier, TiedTokenModel, TinyTransformer, distinct_weights,
                        exported_learned_parameters)
 
 
@@ -187,3 +187,23 @@ def test_a_weight_used_twice_is_scored_as_one_weight(tmp_path, name, dynamo):
     else:  # the table (also the output layer) in the fallback, the mixing layer in EK-FAC
         assert sorted((layer["treatment"], layer["num_parameters"]) for layer in layers) == \
             [("diagonal GGN (fallback)", 320), ("ekfac", 272)]
+
+
+@pytest.mark.parametrize("dynamo", [True, False], ids=["dynamo-external-data", "torchscript-exporter"])
+def test_one_kernel_at_two_dilations_stays_two_operations_on_one_weight(tmp_path, dynamo):
+    """Two Conv nodes reading one kernel with different attributes are different operations: they keep
+    their own modules (their outputs are unchanged), their weight is one parameter, and the exact scores
+    equal the PyTorch model's."""
+    torch.manual_seed(0)
+    model = SharedKernelTwoDilations().eval()
+    path = export_onnx(model, (torch.randn(2, 2, 8, 8),), tmp_path / "m.onnx", dynamo=dynamo, external_data=dynamo)
+    loaded = load_onnx(path, {p.name: p for p in tmp_path.glob("*.data")})
+    assert loaded.num_parameters == sum(p.numel() for p in model.parameters())
+    inputs = torch.randn(40, 2, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.module(inputs), model(inputs), rtol=1e-4, atol=1e-5)
+    labels = torch.randint(0, 3, (40,), generator=torch.Generator().manual_seed(1))
+    config = AuditConfig(method="exact", damping=1e-3)
+    want = run_audit(model, inputs, labels, config).scores
+    torch.testing.assert_close(run_audit(loaded.module, inputs, labels, config).scores, want,
+                               rtol=1e-3, atol=1e-6 * float(want.abs().max()))

@@ -117,7 +117,7 @@ def test_open_mode_ends_within_a_second_of_the_first_key_and_a_revoked_key_at_on
     from app.auth import service as auth
     from app.core.db import Base
 
-    monkeypatch.setattr(auth, "_any_keys_seen", None)
+    monkeypatch.setattr(auth, "_any_keys_seen", {})
     engine = create_engine(f"sqlite:///{tmp_path / 'keys.db'}")
     Base.metadata.create_all(engine)
     with Session(engine) as session:

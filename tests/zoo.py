@@ -185,3 +185,18 @@ def train(model: nn.Module, inputs: tuple[torch.Tensor, ...], labels: torch.Tens
             nn.functional.cross_entropy(model(*(t[index] for t in inputs)), labels[index]).backward()
             optimizer.step()
     return model.eval()
+
+
+class SharedKernelTwoDilations(nn.Module):
+    """One convolution kernel applied at two dilations (TridentNet-style weight sharing): the exported
+    graph has two Conv nodes with different attributes reading one weight."""
+
+    def __init__(self, classes: int = 3):
+        super().__init__()
+        self.kernel = nn.Parameter(torch.randn(4, 2, 3, 3) * 0.3)
+        self.head = nn.Linear(4 * 8 * 8, classes)
+
+    def forward(self, x):
+        near = nn.functional.conv2d(x, self.kernel, padding=1)
+        far = nn.functional.conv2d(x, self.kernel, padding=2, dilation=2)
+        return self.head(torch.relu(near + far).flatten(1))

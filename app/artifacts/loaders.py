@@ -328,58 +328,88 @@ def _learned_initializers_as_parameters(module: nn.Module, proto) -> None:
                 module.register_parameter(key, nn.Parameter(buffer.detach().clone()))
 
 
+_FLOAT_TENSOR_TYPES = (1, 10, 11, 16)  # onnx.TensorProto FLOAT, FLOAT16, DOUBLE, BFLOAT16
+
+
 def _shared_weights_tied(module: nn.Module, proto) -> None:
     """One learned weight used in several places (a module the model calls twice, an embedding table
     reused as the output layer) reaches us as copies: onnx2pytorch copies an initializer into every node
     that reads it, and the TorchScript exporter writes a tied output layer as a second, transposed
     initializer. The copies would be audited as separate weights, counted twice, and scored in the wrong
-    parameter space. Undo that:
-    - nodes reading one weight whose modules compute the same function (type, settings, weights) become
-      one module called several times, which the engine treats as one layer at several positions;
-    - then parameters with the same shape and the same values become one shared nn.Parameter (the
-      engine gives a weight shared across modules its per-example-gradient fallback).
-    Constant tensors (all zeros, all ones) are left alone: exporters merge equal initializers, so two
-    untrained LayerNorm scales arrive as one tensor without being one weight; trained weights that are
-    equal value for value are one weight."""
+    parameter space. Undo that, for exactly those two graph patterns:
+    - nodes reading one initializer that are the same operation (op type, attributes, the same
+      initializers at the same positions) run one module, called several times, which the engine treats
+      as one layer at several positions;
+    - the remaining parameters that hold the initializer's values (or its transposed twin's) become one
+      shared nn.Parameter; the engine gives a weight shared across modules its per-example-gradient
+      fallback.
+    Constant initializers (all zeros, all ones) are left alone: exporters merge equal initializers, so two
+    untrained LayerNorm scales arrive as one tensor without being one weight. Parameters that merely
+    have equal values without such a link in the graph stay separate."""
     from onnx import numpy_helper
+    from onnx2pytorch.convert.operations import get_buffer_name
 
-    initializers = {t.name: t for t in proto.graph.initializer}
-    # initializer -> (node id, attribute name of the node's module) of the nodes reading it
-    readers: dict[str, list[tuple[str, str]]] = {}
+    initializers = {t.name: t for t in proto.graph.initializer if t.data_type in _FLOAT_TENSOR_TYPES}
+    readers: dict[str, list] = {}  # initializer -> the top-level nodes with a module that read it
     for node in proto.graph.node:
         owner = module.mapping.get(node.output[0]) if node.output else None
         if owner is None or owner not in module._modules:
             continue
         for name in dict.fromkeys(node.input):
             if name in initializers:
-                readers.setdefault(name, []).append((node.output[0], owner))
-    for name, nodes in readers.items():
-        if len(nodes) < 2 or _constant(torch.from_numpy(np.array(numpy_helper.to_array(initializers[name])))):
-            continue
-        kept: list[str] = []
-        for node_id, owner in nodes:
-            candidate = module._modules.get(owner)
-            if candidate is None or not any(True for _ in candidate.parameters()):
-                continue
-            twin = next((k for k in kept if _same_function(module._modules[k], candidate)), None)
-            if twin is None:
-                kept.append(owner)
-            elif twin != owner:
-                # the node runs the twin's module; registering one module under two names would confuse
+                readers.setdefault(name, []).append(node)
+    values: dict[str, torch.Tensor] = {}
+
+    def value(name: str) -> torch.Tensor:
+        if name not in values:
+            values[name] = torch.from_numpy(np.array(numpy_helper.to_array(initializers[name])))
+        return values[name]
+
+    groups = [[name] for name, nodes in readers.items() if len(nodes) >= 2 and not _constant(value(name))]
+    matrices: dict[tuple, list[str]] = {}
+    for name in readers:
+        if len(initializers[name].dims) == 2 and min(initializers[name].dims) >= 2:
+            matrices.setdefault((tuple(value(name).shape), _digest(value(name))), []).append(name)
+    for names in list(matrices.values()):
+        for name in names:
+            transposed = value(name).T.contiguous()
+            for other in matrices.get((tuple(transposed.shape), _digest(transposed)), []):
+                if name < other and not _constant(transposed) and torch.equal(transposed, value(other)):
+                    groups.append([name, other])
+    for group in groups:
+        if len(group) == 1:  # one operation applied several times: one module
+            kept = []
+            for node in readers[group[0]]:
+                twin = next((k for k in kept if _same_operation(k, node, initializers)
+                             and _same_state(module._modules[module.mapping[k.output[0]]],
+                                             module._modules[module.mapping[node.output[0]]])), None)
+                if twin is None:
+                    kept.append(node)
+                    continue
+                # the node runs its twin's module; registering one module under two names would confuse
                 # torch.func, which swaps parameters by name and restores the alias last
-                module.mapping[node_id] = twin
+                owner = module.mapping[node.output[0]]
+                module.mapping[node.output[0]] = module.mapping[twin.output[0]]
                 if owner not in module.mapping.values():
                     del module._modules[owner]
-    first: dict[tuple, nn.Parameter] = {}
-    for sub in module.modules():  # each module object once
-        for attr, p in list(sub._parameters.items()):
-            if p is None or not p.is_floating_point() or p.numel() < 2 or _constant(p.detach()):
+        holders = [(module, get_buffer_name(name)) for name in group if get_buffer_name(name) in module._parameters]
+        owners = {module.mapping[node.output[0]] for name in group for node in readers[name]}
+        holders += [(sub, attr) for owner in sorted(owners) for sub in module._modules[owner].modules()
+                    for attr in sub._parameters if sub._parameters[attr] is not None]
+        targets = [value(name) for name in group]
+        shared = None
+        for owner, attr in holders:
+            p = owner._parameters[attr]
+            if not any(p.shape == t.shape and torch.equal(p.detach(), t.to(p.dtype)) for t in targets):
                 continue
-            key = (tuple(p.shape), p.dtype, hashlib.blake2b(p.detach().reshape(-1).contiguous().view(torch.uint8).numpy(),
-                                                              digest_size=16).digest())
-            shared = first.setdefault(key, p)
-            if shared is not p and torch.equal(shared.detach(), p.detach()):
-                sub._parameters[attr] = shared
+            if shared is None:
+                shared = p
+            elif p is not shared:
+                owner._parameters[attr] = shared
+
+
+def _digest(t: torch.Tensor) -> bytes:
+    return hashlib.blake2b(t.reshape(-1).contiguous().view(torch.uint8).numpy(), digest_size=16).digest()
 
 
 def _constant(t: torch.Tensor) -> bool:
@@ -387,12 +417,27 @@ def _constant(t: torch.Tensor) -> bool:
     return flat.numel() == 0 or bool((flat == flat[0]).all())
 
 
-def _same_function(a: nn.Module, b: nn.Module) -> bool:
-    if type(a) is not type(b) or a.extra_repr() != b.extra_repr():
+def _same_operation(a, b, initializers) -> bool:
+    """Two ONNX nodes that compute the same function of their data inputs: same operator, same
+    attributes (none holding a subgraph), the same initializers at the same input positions."""
+    if a.op_type != b.op_type or a.domain != b.domain or len(a.input) != len(b.input):
+        return False
+    if any(attr.type in (5, 10) for attr in list(a.attribute) + list(b.attribute)):  # GRAPH, GRAPHS
+        return False
+    attributes = [sorted(attr.SerializeToString() for attr in node.attribute) for node in (a, b)]
+    if attributes[0] != attributes[1]:
+        return False
+    return all(x == y for x, y in zip(a.input, b.input) if x in initializers or y in initializers)
+
+
+def _same_state(a: nn.Module, b: nn.Module) -> bool:
+    """The converted modules agree too (type, structure, every tensor), as a check on the conversion."""
+    if [type(m) for m in a.modules()] != [type(m) for m in b.modules()]:
+        return False
+    if [m.extra_repr() for m in a.modules()] != [m.extra_repr() for m in b.modules()]:
         return False
     sa, sb = a.state_dict(), b.state_dict()
-    return sa.keys() == sb.keys() and all(sa[k].shape == sb[k].shape and torch.equal(sa[k], sb[k]) for k in sa) \
-        and [type(m) for m in a.modules()] == [type(m) for m in b.modules()]
+    return sa.keys() == sb.keys() and all(sa[k].shape == sb[k].shape and torch.equal(sa[k], sb[k]) for k in sa)
 
 
 def _external_references(proto, external: dict[str, Path]) -> list[tuple[object, Path, int, int]]:

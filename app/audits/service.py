@@ -214,6 +214,7 @@ def _delete_finished_audits(session: Session, audit_ids, refusal: ProblemError) 
     audit_ids = list(audit_ids)
     if not audit_ids:
         return
+    _refuse_active_attributions(session, audit_ids)  # again: one may have been queued since the first check
     session.execute(delete(Attribution).where(Attribution.audit_id.in_(audit_ids)))
     session.execute(delete(AuditFlag).where(AuditFlag.audit_id.in_(audit_ids)))
     session.execute(delete(AuditShard).where(AuditShard.audit_id.in_(audit_ids)))

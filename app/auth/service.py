@@ -65,16 +65,16 @@ def tenant_for_secret(session: Session, secret: str, static: dict[str, str]) -> 
 # while polls in open mode do not each count the key table. Lookups of a presented key are not cached:
 # a revoked key stops working at once.
 OPEN_MODE_CHECK_SECONDS = 1.0
-_any_keys_seen: tuple[float, bool] | None = None
+_any_keys_seen: dict[str, tuple[float, bool]] = {}  # database URL -> (when, answer)
 
 
 def any_keys(session: Session, static: dict[str, str]) -> bool:
-    global _any_keys_seen
     if static:
         return True
-    now = time.monotonic()
-    if _any_keys_seen is not None and now - _any_keys_seen[0] < OPEN_MODE_CHECK_SECONDS:
-        return _any_keys_seen[1]
+    database, now = str(session.get_bind().url), time.monotonic()
+    seen = _any_keys_seen.get(database)
+    if seen is not None and now - seen[0] < OPEN_MODE_CHECK_SECONDS:
+        return seen[1]
     found = session.scalar(select(ApiKey.id).where(ApiKey.revoked_at.is_(None)).limit(1)) is not None
-    _any_keys_seen = (now, found)
+    _any_keys_seen[database] = (now, found)
     return found
