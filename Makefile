@@ -10,7 +10,7 @@ WORKERS ?= 1
 PORT ?= 8000
 PYTEST_ARGS ?=
 
-.PHONY: run test install install-test services bench clean
+.PHONY: run test test-fast install install-test services bench clean
 
 $(VENV)/.torch:
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -41,6 +41,16 @@ services:
 ## The whole test suite against real PostgreSQL, Redis, Celery worker processes and HTTP.
 test: $(VENV)/.installed-test services
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+## The fast in-process layer: engine units, loaders, the app under a test client on SQLite (schemathesis
+## included); starts no service process and needs no PostgreSQL or Redis. About 70 s on 2 cores.
+## One torch thread: these small models gain nothing from two, and on a busy machine two threads
+## that wait on each other made the same tests several times slower.
+FAST_TESTS := tests/test_engine_exact.py tests/test_engine_loo.py tests/test_engine_scalable.py \
+	tests/test_engine_shards.py tests/test_loaders.py tests/test_architectures.py tests/test_service_units.py \
+	tests/test_deploy_files.py tests/test_api_contract.py tests/test_schemathesis.py
+test-fast: $(VENV)/.installed-test
+	OMP_NUM_THREADS=1 $(PY) -m pytest $(FAST_TESTS) $(PYTEST_ARGS)
 
 ## Benchmarks (slow; results land in bench/results/).
 bench: $(VENV)/.installed-test

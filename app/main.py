@@ -9,6 +9,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Response
 from fastapi.responses import PlainTextResponse
+from fastapi_offline import FastAPIOffline
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_latest
 from sqlalchemy import text
 
@@ -19,6 +20,7 @@ from app.core.config import get_settings
 from app.core.db import get_engine
 from app.core.errors import install_error_handlers, problem_response
 from app.core.limits import BodySizeLimit
+from app.core.openapi import install_openapi
 
 log = logging.getLogger("pbrf_audit")
 
@@ -90,8 +92,10 @@ def create_app() -> FastAPI:
         gc.freeze()
         yield
 
-    app = FastAPI(title="pbrf-audit", version="0.1.0", description=DESCRIPTION, lifespan=lifespan)
+    # /docs and /redoc from Swagger UI and ReDoc files inside the fastapi-offline wheel: no CDN, works offline
+    app = FastAPIOffline(title="pbrf-audit", version="0.1.0", description=DESCRIPTION, lifespan=lifespan)
     install_error_handlers(app)
+    install_openapi(app)
     app.include_router(artifacts_router)
     app.include_router(audits_router)
 

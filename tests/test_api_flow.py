@@ -214,8 +214,8 @@ def test_every_method_through_the_worker(client, tmp_path):
     assert methods["default"] == "ekfac"
     assert {"exact", "identity", "diagonal", "kfac", "ekfac", "lanczos", "cg"} <= set(methods["methods"])
     created = {}
-    for method in ("ekfac", "kfac", "diagonal", "lanczos", "cg", "loo"):
-        body = {"model_id": m["id"], "dataset_id": d["id"], "method": method, "lanczos_rank": 8}
+    for method in ("ekfac", "kfac", "diagonal", "lanczos", "cg", "loo", "folds"):
+        body = {"model_id": m["id"], "dataset_id": d["id"], "method": method, "lanczos_rank": 8, "fold_epochs": 3}
         if method == "ekfac":
             body["verify_top_k"] = 3
         r = client.post("/v1/audits", json=body)
@@ -224,6 +224,7 @@ def test_every_method_through_the_worker(client, tmp_path):
     # the default method is ekfac
     default = client.post("/v1/audits", json={"model_id": m["id"], "dataset_id": d["id"]}).json()
     assert default["method"] == "ekfac"
+    folds_id = created.pop("folds")
     for method, audit_id in created.items():
         final, _ = wait_for_audit(client, audit_id)
         assert final["status"] == "succeeded", (method, final["error"])
@@ -243,6 +244,20 @@ def test_every_method_through_the_worker(client, tmp_path):
     assert {"pearson", "spearman", "epsilon", "damping"} <= verification.keys()
     layers = client.get(f"/v1/audits/{created['ekfac']}").json()["summary"]["estimator"]["layers"]
     assert all(layer["treatment"] == "ekfac" for layer in layers) and len(layers) == 2
+    # fold unlearning: no curvature, out-of-fold probabilities, confident-learning flags with suggestions
+    folds, _ = wait_for_audit(client, folds_id)
+    assert folds["status"] == "succeeded", folds["error"]
+    assert folds["damping"] is None and folds["summary"]["method"] == "folds"
+    assert folds["params"]["folds"] == 5 and folds["params"]["fold_epochs"] == 3
+    out_of_fold = folds["summary"]["out_of_sample"]
+    assert out_of_fold["layer_reset"] and sum(f["examples"] for f in out_of_fold["per_fold"]) == 200
+    assert all(f["epochs_run"] <= 3 for f in out_of_fold["per_fold"])
+    assert folds["summary"]["shards"]["not_sharded"] if "shards" in folds["summary"] else True
+    flags = all_pages(client, f"/v1/audits/{folds_id}/flags")
+    assert len(flags) == folds["summary"]["num_flagged"]
+    assert all(f["suggested_label"] in (0, 1, 2) and 0 <= f["out_of_sample_given_probability"] <= 1 for f in flags)
+    rows = client.get(f"/v1/audits/{folds_id}/scores", params={"limit": 1000}).json()["items"]
+    assert len(rows) == 200 and all(0 <= r["score"] <= 1 and r["self_influence"] is None for r in rows)
     wait_for_audit(client, default["id"])
 
 

@@ -161,6 +161,20 @@ def test_run_audit_reports_progress_and_flags():
     assert result.damping > 0 and result.summary["damping"] == result.damping
 
 
+@pytest.mark.parametrize("method", ["exact", "lanczos", "loo"])
+def test_progress_never_goes_back_when_the_pbrf_verification_runs(method):
+    """The scoring pass used to take the last progress slot, so `verify_top_k` went back into it
+    (0.98 -> 0.75 on the service); every stage now reports inside its own slot."""
+    model, x, y = tiny_problem(n=40, epochs=30)  # a rough fit will do: only the order of reports matters
+    seen = []
+    config = AuditConfig(method=method, batch_size=8, verify_top_k=1, pbrf_epsilon=-1e-3, lanczos_rank=4)
+    run_audit(model, x, y, config, progress=lambda stage, f: seen.append((stage, f)))
+    fractions = [f for _, f in seen]
+    assert fractions == sorted(fractions), seen
+    assert fractions[-1] == 1.0 and seen[-1][0] == "pbrf"
+    assert max(f for stage, f in seen if stage == "scores") < 1.0  # the verification's slot is left to it
+
+
 def test_audit_fails_readably_when_outputs_do_not_cover_labels():
     model = nn.Sequential(nn.Linear(3, 2))
     with pytest.raises(EngineError, match="outputs"):

@@ -24,7 +24,7 @@ import numpy as np
 import onnx  # noqa: F401
 import onnx2pytorch  # noqa: F401  imported once per worker, not in every job's child (torchvision: ~0.4 s)
 import torch
-from sqlalchemy import and_, delete, func, insert, or_, select, update
+from sqlalchemy import and_, case, delete, func, insert, or_, select, update
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -108,7 +108,7 @@ def claim(session: Session, audit_id: uuid.UUID, worker_name: str, stale_after: 
     result = session.execute(
         update(table).where(table.id == audit_id, claimable, table.attempts < MAX_ATTEMPTS)
         .values(status="running", claim_token=token, attempts=table.attempts + 1, worker=worker_name,
-                heartbeat_at=now, stage="loading", progress=0.0, error=None)
+                heartbeat_at=now, stage="loading", error=None)  # progress kept: it never goes back
     )
     if result.rowcount != 1:
         session.rollback()
@@ -188,9 +188,11 @@ class ProgressWriter:
         self._last, self._stage = now, stage
         try:
             with self.factory() as session:
+                # never lower (also across attempts: a new attempt's early passes leave the old value)
+                value = round(0.98 * fraction, 4)
+                progress = case((self.table.progress > value, self.table.progress), else_=value)
                 result = session.execute(update(self.table).where(_owned(self.audit_id, self.token, self.table))
-                                         .values(progress=round(0.98 * fraction, 4), stage=stage,
-                                                 heartbeat_at=utcnow()))
+                                         .values(progress=progress, stage=stage, heartbeat_at=utcnow()))
                 session.commit()
         except OperationalError:  # progress is best effort: the next report tries again
             log.warning("progress of %s %s not written (transient database error)", self.table.__tablename__,
@@ -464,7 +466,8 @@ def _audit_attempt(audit_id: uuid.UUID, token: str, settings: Settings, factory:
             shard_size = params.get("shard_size", settings.shard_size)
             not_sharded = None
             if len(labels_t) > shard_size:
-                not_sharded = sharding.why_not_sharded(config, set_up_audit(model, inputs_t, labels_t, config))
+                not_sharded = sharding.UNSHARDED_METHODS.get(config.method) or sharding.why_not_sharded(
+                    config, set_up_audit(model, inputs_t, labels_t, config))
             if len(labels_t) > shard_size and not_sharded is None:
                 result = _run_sharded(audit_id, tenant, settings, factory, store, progress, model, config, inputs_t,
                                       labels_t, shard_size, stored)
@@ -530,6 +533,7 @@ def _audit_config(method: str, damping: float | None, params: dict, settings: Se
                        fisher_samples=params.get("fisher_samples", 1), flag_fraction=params.get("flag_fraction"),
                        curvature=params.get("curvature", "auto"), lanczos_rank=params.get("lanczos_rank", 64),
                        verify_top_k=params.get("verify_top_k", 0), pbrf_epsilon=params.get("pbrf_epsilon"),
+                       folds=params.get("folds", 5), fold_epochs=params.get("fold_epochs", 15),
                        max_exact_parameters=settings.max_exact_parameters)
 
 

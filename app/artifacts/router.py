@@ -5,14 +5,21 @@ from __future__ import annotations
 import uuid
 from typing import Annotated
 
+import csv
+import io
+
+import numpy as np
 from fastapi import APIRouter, File, Form, Header, Query, Response, UploadFile
+from fastapi.responses import StreamingResponse
 
 from app.auth import idempotency
 
 from app.core.deps import SessionDep, SettingsDep, StoreDep, TenantDep
 from app.core.errors import PROBLEM_RESPONSES, not_found
 
+from app.audits import review
 from app.audits.quota import storage_left
+from app.audits.schemas import LabelChanges
 from app.audits.service import delete_input
 
 from . import repository, service
@@ -37,8 +44,10 @@ def upload_model(
     file: Annotated[UploadFile, File(description="A .onnx model, or .safetensors weights")],
     name: Annotated[str | None, Form(max_length=255)] = None,
     architecture: Annotated[str | None, Form(max_length=10_000, description=(
-        'JSON naming a built-in architecture for .safetensors, e.g. {"type": "mlp", "input_size": 64, '
-        '"hidden_sizes": [32], "num_classes": 10}'))] = None,
+        'With .safetensors weights: a JSON text (schema: Architecture) naming a built-in architecture and its sizes, '
+        'e.g. {"type": "mlp", "input_size": 64, "hidden_sizes": [32], "num_classes": 10}'),
+        json_schema_extra={"contentMediaType": "application/json",
+                           "contentSchema": {"$ref": "#/components/schemas/Architecture"}})] = None,
     external_data: Annotated[list[UploadFile] | None, File(description=(
         "The external-data file(s) of an ONNX model (torch.onnx.export writes model.onnx.data beside model.onnx); "
         "each part's file name must be the `location` its tensors name"))] = None,
@@ -116,6 +125,49 @@ def upload_dataset(
 @router.get("/datasets/{dataset_id}", response_model=DatasetOut, tags=["datasets"])
 def get_dataset(dataset_id: uuid.UUID, session: SessionDep, tenant: TenantDep):
     return _owned_or_404(session, tenant, "dataset", dataset_id)
+
+
+LABELS_RESPONSES = {200: {"description": (
+    "With Accept: text/csv, CSV `index,label,original_label` for every example; with Accept: application/json, "
+    "the changes only; otherwise an .npz (no pickle) with int64 arrays `labels` and `original_labels`. Every "
+    "form carries X-Changed-Examples: the number of labels the corrections change"),
+    "headers": {"X-Changed-Examples": {"schema": {"type": "integer"}, "description": "Labels changed by corrections"}},
+    "content": {"application/json": {}, "text/csv": {"schema": {"type": "string"}},
+                "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}}}
+
+
+@router.get("/datasets/{dataset_id}/labels", response_model=LabelChanges, tags=["datasets", "review"],
+            responses=LABELS_RESPONSES,
+            summary="The dataset's labels, with corrected=true the tenant's accepted corrections (mislabeled verdicts) "
+                    "applied: .npz, CSV (Accept: text/csv) or the list of changes (Accept: application/json)")
+def dataset_labels(dataset_id: uuid.UUID, session: SessionDep, store: StoreDep, settings: SettingsDep,
+                   tenant: TenantDep, corrected: Annotated[bool, Query(description=(
+                       "Apply the accepted corrections (false: the labels as uploaded)"))] = False,
+                   accept: Annotated[str | None, Header()] = None):
+    dataset = _owned_or_404(session, tenant, "dataset", dataset_id)
+    found = review.dataset_labels(session, store, settings, dataset, corrected)
+    headers = {"X-Changed-Examples": str(len(found.changes))}
+    if accept and "text/csv" in accept:
+        def rows():  # in blocks: a dataset may have millions of examples
+            for start in range(0, len(found.labels), 65536):
+                buffer = io.StringIO()
+                writer = csv.writer(buffer)
+                if start == 0:
+                    writer.writerow(["index", "label", "original_label"])
+                stop = min(start + 65536, len(found.labels))
+                writer.writerows(zip(range(start, stop), found.labels[start:stop].tolist(),
+                                     found.original[start:stop].tolist()))
+                yield buffer.getvalue()
+
+        return StreamingResponse(rows(), media_type="text/csv", headers=headers | {
+            "Content-Disposition": f'attachment; filename="dataset-{dataset.id}-labels.csv"'})
+    if accept and "application/json" in accept:
+        body = LabelChanges(num_examples=len(found.labels), corrected=corrected, changes=found.changes)
+        return Response(body.model_dump_json(), media_type="application/json", headers=headers)
+    buffer = io.BytesIO()
+    np.savez_compressed(buffer, labels=found.labels, original_labels=found.original)
+    return Response(buffer.getvalue(), media_type="application/octet-stream", headers=headers | {
+        "Content-Disposition": f'attachment; filename="dataset-{dataset.id}-labels.npz"'})
 
 
 @router.get("/datasets", response_model=list[DatasetOut], tags=["datasets"])

@@ -22,6 +22,7 @@ from app.core.storage import ArtifactStore, UploadTooLarge
 from app.core.timeutil import utcnow
 
 from .quota import storage_left
+from .service import require_succeeded
 from .tables import Attribution, Audit
 
 ACTIVE = ("queued", "running")
@@ -30,9 +31,7 @@ MAX_QUERIES = 10_000  # queries per attribution: each takes (parameters) floats 
 
 def create_attribution(*, session: Session, store: ArtifactStore, settings: Settings, tenant_id: str, audit: Audit,
                        source: BinaryIO, filename: str, top_k: int) -> Attribution:
-    if audit.status != "succeeded":
-        raise ProblemError(409, "audit-not-succeeded", f"the audit is {audit.status}; attributions use the curvature "
-                           "a succeeded audit stored")
+    require_succeeded(audit, needs="attributions can use the curvature it stores")
     if not audit.curvature_sha256 or not store.path_for(audit.curvature_sha256).exists():
         raise ProblemError(422, "audit-without-curvature", f"this audit ({audit.method}) stored no curvature to "
                            "attribute with: audits with method ekfac, kfac, diagonal, exact or lanczos (or loo on one "

@@ -8,7 +8,7 @@ import math
 import uuid
 from typing import Annotated
 
-from fastapi import APIRouter, File, Form, Header, Query, Response, UploadFile
+from fastapi import APIRouter, File, Form, Header, Path, Query, Response, UploadFile
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import StreamingResponse
 from sqlalchemy.exc import InvalidRequestError
@@ -17,14 +17,15 @@ from app.artifacts.router import IdempotencyKey
 from app.auth import idempotency
 
 from app.core.db import get_sessionmaker
+from app.auth import service as auth
 from app.core.deps import CredentialsDep, SessionDep, SettingsDep, StoreDep, TenantDep, resolve_tenant
 from app.core.errors import PROBLEM_RESPONSES, QUOTA_RESPONSES, not_found
 from app.core.pagination import decode_cursor, encode_cursor
 from app.influence.registry import available_methods
 
-from . import attributions, repository, service
+from . import attributions, repository, review, service
 from .schemas import (AttributionOut, AuditCreate, AuditList, AuditOut, FlagOut, FlagPage, InfluentialExample,
-                      MethodsOut, QueryAttribution, QueryPage, ScoreOut, ScorePage)
+                      MethodsOut, QueryAttribution, QueryPage, ScoreOut, ScorePage, VerdictIn, VerdictOut)
 
 router = APIRouter(prefix="/v1", responses=PROBLEM_RESPONSES)
 RESULT_RESPONSES = {409: PROBLEM_RESPONSES[400] | {"description": "The audit has not succeeded"}}
@@ -112,11 +113,51 @@ def list_flags(audit_id: uuid.UUID, session: SessionDep, tenant: TenantDep,
     rows = repository.flags_after(session, audit.id, after, limit + 1)
     more = len(rows) > limit
     rows = rows[:limit]
+    verdicts = review.verdicts_of(session, audit, [r.example_index for r in rows])
     items = [FlagOut(rank=r.rank, index=r.example_index, given_label=r.given_label, predicted_label=r.predicted_label,
                      score=r.score, loss=r.loss, given_label_probability=r.given_label_probability,
                      suggested_label=r.suggested_label, suggested_label_probability=r.suggested_label_probability,
-                     out_of_sample_given_probability=r.out_of_sample_given_probability) for r in rows]
+                     out_of_sample_given_probability=r.out_of_sample_given_probability,
+                     **_verdict_fields(verdicts.get(r.example_index))) for r in rows]
     return FlagPage(items=items, next_cursor=encode_cursor("rank", rows[-1].rank) if more else None)
+
+
+def _verdict_fields(row) -> dict:
+    if row is None:
+        return {}
+    return {"verdict": row.verdict, "corrected_label": row.corrected_label, "verdict_by": row.verdict_by,
+            "verdict_at": row.verdict_at}
+
+
+# ------------------------------------------------------------------------------ review
+FlagIndex = Annotated[int, Path(ge=0, le=2**31 - 1, description="The example index of one of the audit's flags")]
+VERDICT_RESPONSES = {409: PROBLEM_RESPONSES[400] | {"description": "The audit has not succeeded (it has no flags yet)"}}
+
+
+def _reviewer(session, settings, credentials) -> str | None:
+    """Who gives a verdict: the name of the caller's API key (null in open mode, where there is none)."""
+    if credentials is None:
+        return None
+    return auth.key_name(session, credentials.credentials, auth.static_keys(settings.api_keys))
+
+
+@router.put("/audits/{audit_id}/flags/{index}/verdict", response_model=VerdictOut, tags=["review"],
+            responses=VERDICT_RESPONSES,
+            summary="Give (or change) the tenant's verdict on a flagged example; kept for every audit of the same data")
+def put_verdict(audit_id: uuid.UUID, index: FlagIndex, body: VerdictIn, session: SessionDep, settings: SettingsDep,
+                credentials: CredentialsDep, tenant: TenantDep):
+    audit = _audit_or_404(session, tenant, audit_id)
+    row = review.set_verdict(session, audit, index, body, _reviewer(session, settings, credentials))
+    session.commit()
+    return VerdictOut.model_validate(row)
+
+
+@router.delete("/audits/{audit_id}/flags/{index}/verdict", status_code=204, tags=["review"],
+               responses=VERDICT_RESPONSES, summary="Withdraw the tenant's verdict on a flagged example")
+def delete_verdict(audit_id: uuid.UUID, index: FlagIndex, session: SessionDep, tenant: TenantDep):
+    review.withdraw_verdict(session, _audit_or_404(session, tenant, audit_id), index)
+    session.commit()
+    return Response(status_code=204)
 
 
 def _finite(value: float) -> float | None:

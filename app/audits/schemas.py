@@ -4,12 +4,13 @@ import uuid
 from datetime import datetime
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator, model_validator
 
 from app.core.timeutil import as_utc
 
 AuditStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 TERMINAL = ("succeeded", "failed", "cancelled")
+Verdict = Literal["mislabeled", "correct", "unsure"]
 
 
 class AuditCreate(BaseModel):
@@ -35,6 +36,11 @@ class AuditCreate(BaseModel):
         "(loo: confident learning's estimated number of label issues; others: 10%)"))
     curvature: Literal["auto", "exact", "ekfac", "kfac", "diagonal", "lanczos"] = Field("auto", description=(
         "Curvature back end of the loo method; auto = ekfac (exact is the slower reference)"))
+    folds: int = Field(5, ge=2, le=20, description=(
+        "Method folds: how many folds are unlearned (each example is predicted by a copy trained without its fold)"))
+    fold_epochs: int = Field(15, ge=1, le=100, description=(
+        "Method folds: the most epochs each fold's copy trains (it stops 3 epochs after its held-back loss "
+        "last fell, and predicts with its best epoch)"))
     shard_size: int | None = Field(None, ge=1, le=10**9, description=(
         "Training examples per shard: an audit over more examples is split into shards that every worker "
         "may take (blockwise methods ekfac, kfac, diagonal; rounded to a multiple of the batch size); "
@@ -97,6 +103,65 @@ class FlagOut(BaseModel):
     suggested_label: int | None = Field(None, description="loo: the most likely label had the model not seen it")
     suggested_label_probability: float | None = None
     out_of_sample_given_probability: float | None = Field(None, description="loo: p(given label) without the example")
+    # the tenant's verdict on this example, made on any audit of the same dataset content (null: none yet)
+    verdict: Verdict | None = Field(None, description="The tenant's review of this example (PUT .../verdict)")
+    corrected_label: int | None = Field(None, description="The label a `mislabeled` verdict gives the example")
+    verdict_by: str | None = Field(None, description="Name of the API key that gave the verdict (null in open mode)")
+    verdict_at: datetime | None = None
+
+    @field_validator("verdict_at", mode="after")
+    @classmethod
+    def _utc(cls, value):
+        return as_utc(value)
+
+
+class VerdictIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    verdict: Verdict
+    corrected_label: StrictInt | None = Field(None, description=(
+        "mislabeled only: the right label, a class of the audit's model (0..num_outputs-1); null takes the flag's "
+        "suggested_label where the method gives one (loo), else its predicted_label"))
+
+    @model_validator(mode="after")
+    def _label_only_when_mislabeled(self) -> VerdictIn:
+        if self.corrected_label is not None and self.verdict != "mislabeled":
+            raise ValueError("corrected_label goes with the verdict `mislabeled` only")
+        return self
+
+
+class VerdictOut(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    index: int = Field(validation_alias="example_index", description="Position of the example in the dataset")
+    verdict: Verdict
+    corrected_label: int | None = Field(description="Set exactly when the verdict is `mislabeled`")
+    verdict_by: str | None = Field(description="Name of the API key that gave the verdict (null in open mode)")
+    verdict_at: datetime
+
+    @field_validator("verdict_at", mode="after")
+    @classmethod
+    def _utc(cls, value):
+        return as_utc(value)
+
+
+class LabelChange(BaseModel):
+    index: int
+    label: int = Field(description="The corrected label")
+    original_label: int = Field(description="The label in the uploaded dataset")
+    verdict_by: str | None
+    verdict_at: datetime
+
+    @field_validator("verdict_at", mode="after")
+    @classmethod
+    def _utc(cls, value):
+        return as_utc(value)
+
+
+class LabelChanges(BaseModel):
+    num_examples: int
+    corrected: bool = Field(description="Whether the accepted corrections were applied (the `corrected` parameter)")
+    changes: list[LabelChange] = Field(description="The examples whose label the corrections change, by index")
 
 
 class FlagPage(BaseModel):

@@ -29,6 +29,7 @@ from .tables import Attribution, Audit, AuditFlag, AuditShard
 
 # part of every curvature key: a change to what a stored fit holds makes old fits unused, not misread
 CURVATURE_FORMAT = "pbrf-audit blockwise curvature v1"
+POLL_SECONDS = 2  # Retry-After on answers about a job still queued or running
 log = logging.getLogger(__name__)
 
 
@@ -49,6 +50,8 @@ def estimate_worker_bytes(request: AuditCreate, num_parameters: int, num_outputs
         "dense curvature (P x P, float64, 3 copies)": 3 * P * P * 8 if dense else 0,
         "Lanczos basis (rank x P, float64, 2 copies)": 2 * request.lanczos_rank * P * 8 if lanczos else 0,
         "batch Jacobians": jacobians,
+        # method folds: a copy of the model, its best weights, its gradients and Adam's two moments
+        "fold unlearning copies (5 x P, float32)": 5 * P * 4 if request.method == "folds" else 0,
         # the PBRF check runs the whole dataset in float64 at once (inputs, outputs, a few activations'
         # worth) and, for models up to 3,000 parameters, dense Hessians
         "PBRF verification": (N * (values_per_example + C) * 8 * 8 + (3 * P * P * 8 if P <= 3000 else 0)
@@ -184,7 +187,11 @@ def _refuse_active_attributions(session: Session, audit_ids) -> None:
 
 def delete_input(session: Session, tenant_id: str, row, kind: str) -> None:
     """Remove an uploaded model or dataset with the finished audits made from it. Refused (409) while an
-    audit that uses it is queued or running: the worker would lose its input."""
+    audit that uses it is queued or running: the worker would lose its input.
+
+    A dataset's review verdicts stay (table flag_verdict): they are keyed by the tenant and the file's
+    content, not by the dataset row, so a re-upload of the same file shows them again. They count toward
+    no quota and are reachable only through a dataset or audit with that content."""
     column = Audit.model_id if kind == "model" else Audit.dataset_id
     uses = select(Audit.id).where(Audit.tenant_id == tenant_id, column == row.id)
     active = session.scalars(uses.where(Audit.status.in_(ACTIVE)).limit(1)).first()
@@ -241,14 +248,19 @@ def referenced_digests(session: Session) -> set[str]:
     return digests
 
 
-def require_succeeded(job: Audit | Attribution) -> None:
-    """Results of a job (an audit or an attribution) exist only once it has succeeded: 409 otherwise."""
+def require_succeeded(job: Audit | Attribution, needs: str = "results exist") -> None:
+    """Results of a job (an audit or an attribution) exist only once it has succeeded: 409 otherwise,
+    with Retry-After and where to poll while it may still succeed."""
     if job.status != "succeeded":
         kind = job.__tablename__
-        detail = f"the {kind} is {job.status}; results exist only once it has succeeded"
+        detail = f"the {kind} is {job.status}; {needs} only once it has succeeded"
+        headers = None
         if job.status == "failed":
             detail += f" (error: {job.error})"
-        raise ProblemError(409, f"{kind}-not-succeeded", detail)
+        elif job.status in ("queued", "running"):  # it may still succeed: say where and when to look again
+            detail += f": poll GET /v1/{kind}s/{job.id} until its status is succeeded (Retry-After: seconds)"
+            headers = {"Retry-After": str(POLL_SECONDS)}
+        raise ProblemError(409, f"{kind}-not-succeeded", detail, headers=headers)
 
 
 @lru_cache(maxsize=4)  # whole score arrays: keep few in the API process

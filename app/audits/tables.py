@@ -68,6 +68,23 @@ class AuditFlag(Base):
     out_of_sample_given_probability: Mapped[float | None] = mapped_column(Float)
 
 
+class FlagVerdict(Base):
+    """A reviewer's verdict on one training example: keyed by the tenant, the dataset's content (the
+    uploaded file's sha256) and the example's index, not by an audit, so that every audit of the same
+    data (and a re-upload of the same file) shows it. No foreign key: verdicts outlive the audits and
+    dataset rows they were made on (deleting a dataset keeps them; they count toward no quota)."""
+
+    __tablename__ = "flag_verdict"
+
+    tenant_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    dataset_sha256: Mapped[str] = mapped_column(String(64), primary_key=True)
+    example_index: Mapped[int] = mapped_column(Integer, primary_key=True)
+    verdict: Mapped[str] = mapped_column(String(16))  # mislabeled | correct | unsure
+    corrected_label: Mapped[int | None] = mapped_column(Integer)  # set exactly when the verdict is mislabeled
+    verdict_by: Mapped[str | None] = mapped_column(String(255))  # the API key's name; null in open mode
+    verdict_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
 class Attribution(JobLifecycle, Base):
     """Train-to-query attribution over a succeeded audit's stored curvature: a job with an audit's
     lifecycle, whose results are a file in the store."""

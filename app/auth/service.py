@@ -60,6 +60,16 @@ def tenant_for_secret(session: Session, secret: str, static: dict[str, str]) -> 
     return session.scalar(select(ApiKey.tenant_id).where(ApiKey.secret_sha256 == digest, ApiKey.revoked_at.is_(None)))
 
 
+def key_name(session: Session, secret: str, static: dict[str, str]) -> str | None:
+    """The name of a valid key, for records of who did something: a key made with `pbrf-audit keys create`
+    has its `--name`; a static PBRF_API_KEYS entry (`tenant:secret`) has no name of its own and is called
+    by its tenant."""
+    digest = hash_secret(secret)
+    if digest in static:
+        return static[digest]
+    return session.scalar(select(ApiKey.name).where(ApiKey.secret_sha256 == digest, ApiKey.revoked_at.is_(None)))
+
+
 # Whether the server runs open (no key anywhere) is asked by every request that comes without a key: the
 # answer is kept this long, so that a key created with the CLI is required everywhere within a second
 # while polls in open mode do not each count the key table. Lookups of a presented key are not cached:

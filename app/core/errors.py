@@ -7,7 +7,7 @@ from http import HTTPStatus
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -17,14 +17,16 @@ PROBLEM_MEDIA_TYPE = "application/problem+json"
 
 
 class Problem(BaseModel):
-    """An RFC 9457 problem document."""
+    """An RFC 9457 problem document (media type application/problem+json)."""
 
-    type: str
-    title: str
-    status: int
-    detail: str
-    instance: str | None = None
-    errors: list[dict] | None = None
+    model_config = ConfigDict(extra="allow")  # RFC 9457 extension members may ride along
+
+    type: str = Field(description="Stable identifier of the kind of problem: https://pbrf-audit.dev/problems/<slug>")
+    title: str = Field(description="Short summary of the status")
+    status: int = Field(description="The HTTP status code")
+    detail: str = Field(description="What went wrong for this request, and what to fix")
+    instance: str | None = Field(None, description="The request path")
+    errors: list[dict] | None = Field(None, description="Request validation errors: loc, msg, type")
 
 
 class ProblemError(Exception):
@@ -100,9 +102,7 @@ def install_error_handlers(app: FastAPI) -> None:
         return problem_response(500, "internal-error", "internal server error", instance=str(request.url.path))
 
 
-# OpenAPI: document the problem responses on every route that can produce them.
-PROBLEM_RESPONSES = {
-    code: {"model": Problem, "description": HTTPStatus(code).phrase, "content": {PROBLEM_MEDIA_TYPE: {}}}
-    for code in (400, 401, 404, 413, 415, 422)
-}
+# OpenAPI: the problem responses of every route that can produce them (their problem+json body and
+# headers are filled in for every 4xx/5xx by app/core/openapi.py).
+PROBLEM_RESPONSES = {code: {"description": HTTPStatus(code).phrase} for code in (400, 401, 404, 413, 415, 422)}
 QUOTA_RESPONSES = {429: PROBLEM_RESPONSES[400] | {"description": "Too many active audits for this tenant (see Retry-After)"}}

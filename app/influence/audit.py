@@ -40,6 +40,8 @@ class AuditConfig:
     pbrf_epsilon: float | None = None  # None: removal, -1/N
     max_exact_parameters: int = 12_000
     device: str | None = None  # None: CUDA when available, else CPU
+    folds: int = 5  # method `folds`: how many folds are unlearned, one at a time
+    fold_epochs: int = 15  # method `folds`: the most epochs a fold's copy trains
 
 
 @dataclass
@@ -179,6 +181,8 @@ def run_audit(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, con
     (AuditResult.curvature); the audit then scores with it and makes no fitting pass."""
     started = time.perf_counter()
     report = progress or (lambda stage, fraction: None)
+    if config.method == "folds":
+        return run_fold_audit(model, inputs, targets, config, report, started)
     setup = set_up_audit(model, inputs, targets, config)
     model, loss, estimator, device, loo = setup.model, setup.loss, setup.estimator, setup.device, setup.loo
     n = inputs.shape[0]
@@ -195,8 +199,13 @@ def run_audit(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, con
         or getattr(estimator, "one_pass", False)
     predictions_from_fit = getattr(estimator, "predictions_in_fit", False) or (one_pass and not loo)
     fit_passes = 0 if curvature is not None else estimator.num_passes
+    # Progress: every pass over the data is one equal slot, in the order they run: predictions, the fit's
+    # passes, the scoring pass, the PBRF verification. Each stage reports inside its own slot, so the
+    # fraction only grows (the scoring pass once took the last slot and verification went back into it).
     passes = (0 if predictions_from_fit else 1) + fit_passes + (0 if one_pass and not loo else 1) \
         + (1 if config.verify_top_k else 0)
+    verify_slot = passes - 1 if config.verify_top_k else passes
+    score_slot = verify_slot - 1
     num_batches = data.num_batches
     timings: dict[str, float] = {}
     done_passes = 0
@@ -241,7 +250,7 @@ def run_audit(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, con
     loo_summary: dict = {}
     if loo:
         raw, scores, extras, loo_summary = _out_of_sample_pass(estimator, loss, data, targets, n,
-                                                               lambda b: step(passes - 1, "scores", b))
+                                                               lambda b: step(score_slot, "scores", b))
     elif estimator.precomputed_scores is not None:
         raw = estimator.precomputed_scores.double().cpu()
         scores = raw
@@ -249,7 +258,7 @@ def run_audit(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, con
         parts = []
         for b, (x, y) in enumerate(data()):
             parts.append(estimator.self_influence(x, y).double().cpu())
-            step(passes - 1, "scores", b)
+            step(score_slot, "scores", b)
         raw = torch.cat(parts)
         scores = raw
     timings["scores"] = time.perf_counter() - t0
@@ -260,7 +269,7 @@ def run_audit(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, con
         t0 = time.perf_counter()
         result.summary["verification"] = json_safe(verify_against_pbrf(
             model, loss, inputs, targets, result.flagged_order[: config.verify_top_k].tolist(), raw,
-            estimator.damping or 0.0, config, lambda f: report("pbrf", min(1.0, (passes - 1 + f) / passes))))
+            estimator.damping or 0.0, config, lambda f: report("pbrf", min(1.0, (verify_slot + f) / passes))))
         result.summary["seconds"]["pbrf"] = round(time.perf_counter() - t0, 4)
     result.curvature = curvature if curvature is not None else (
         estimator.fitted_curvature() if estimator.stores_curvature else None)
@@ -277,18 +286,7 @@ def conclude_audit(config: AuditConfig, setup: AuditSetup, targets: torch.Tensor
     n = scores.shape[0]
     if not torch.isfinite(scores).all():
         raise EngineError("non-finite influence scores: the model's outputs or gradients overflow on this data")
-    order = torch.argsort(scores, descending=True, stable=True)
-    if config.flag_fraction is not None:
-        num_flags = round(config.flag_fraction * n)
-        flag_rule = f"top {config.flag_fraction:.1%} of examples by score"
-    elif loo and "num_label_issues" in loo_summary:
-        num_flags = loo_summary["num_label_issues"]
-        flag_rule = ("confident learning on the out-of-sample probabilities: the calibrated confident joint's "
-                     "off-diagonal count, most suspicious first")
-    else:
-        num_flags = round(0.1 * n)
-        flag_rule = "top 10% of examples by score"
-    num_flags = max(0, min(n, num_flags))
+    order, num_flags, flag_rule = _flags(config, scores, loo_summary.get("num_label_issues") if loo else None)
     summary = {
         "num_examples": n,
         "method": "loo" if loo else estimator.name,
@@ -315,6 +313,101 @@ def conclude_audit(config: AuditConfig, setup: AuditSetup, targets: torch.Tensor
                        losses=losses, predicted=predicted, given_probability=given_probability,
                        flagged=order[:num_flags], flagged_order=order, damping=estimator.damping,
                        summary=json_safe(summary), extras=extras or {})
+
+
+def _flags(config: AuditConfig, scores: torch.Tensor, num_label_issues: int | None) -> tuple[torch.Tensor, int, str]:
+    """Every example most suspicious first, how many are flagged and by what rule: the requested
+    fraction, else confident learning's count where the method has one, else 10%."""
+    n = scores.shape[0]
+    order = torch.argsort(scores, descending=True, stable=True)
+    if config.flag_fraction is not None:
+        num_flags = round(config.flag_fraction * n)
+        flag_rule = f"top {config.flag_fraction:.1%} of examples by score"
+    elif num_label_issues is not None:
+        num_flags = num_label_issues
+        flag_rule = ("confident learning on the out-of-sample probabilities: the calibrated confident joint's "
+                     "off-diagonal count, most suspicious first")
+    else:
+        num_flags = round(0.1 * n)
+        flag_rule = "top 10% of examples by score"
+    return order, max(0, min(n, num_flags)), flag_rule
+
+
+def run_fold_audit(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, config: AuditConfig,
+                   report: ProgressCallback, started: float) -> AuditResult:
+    """Method `folds`: out-of-fold probabilities by fold unlearning (unlearning.py), then confident
+    learning and suggested labels as for `loo`. No curvature is fitted, so there is no self-influence."""
+    from .loo import confident_learning
+    from .unlearning import FoldSettings, out_of_fold_probabilities
+
+    if config.loss != "cross_entropy":
+        raise EngineError("method 'folds' needs a classification model (softmax cross-entropy)")
+    device = pick_device(config.device)
+    model = model.to(device).eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    loss = output_loss(config.loss)
+    n = inputs.shape[0]
+    if n == 0:
+        raise EngineError("the dataset has no examples")
+    num_outputs = check_compatible(model, inputs[:2].to(device), targets.to(device), config.loss)
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    predictions = Predictions(loss, config.loss)
+    batch_size = config.batch_size or 512
+    with torch.no_grad():
+        for x, y in BatchSource(inputs, targets, batch_size, device)():
+            predictions.add(model(x), y)
+    report("predictions", 0.02)
+    timings["predictions"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    settings = FoldSettings(folds=config.folds, max_epochs=config.fold_epochs, seed=config.seed)
+    probs, fold_summary = out_of_fold_probabilities(model, inputs, targets, settings, device,
+                                                    lambda f: report("folds", 0.02 + 0.97 * f))
+    timings["folds"] = time.perf_counter() - t0
+    labels = targets.cpu().long()
+    given_p = probs.gather(1, labels.unsqueeze(1)).squeeze(1)
+    suggested_p, suggested = probs.max(1)
+    num_issues, thresholds, joint = confident_learning(probs.float(), labels, num_outputs)
+    scores = 1.0 - given_p
+    order, num_flags, flag_rule = _flags(config, scores, num_issues)
+    tensors = predictions.tensors(n)
+    summary = {
+        "num_examples": n,
+        "method": "folds",
+        "damping": None,
+        "score": ("1 - out-of-fold probability of the given label (fold unlearning: the output layer re-initialised "
+                  "and retrained without the example's fold)"),
+        "device": str(device),
+        "batch_size": settings.batch_size,
+        "seed": config.seed,
+        "num_flagged": num_flags,
+        "flag_rule": flag_rule,
+        "out_of_sample": {"num_label_issues": num_issues, "class_thresholds": [round(float(t), 6) for t in thresholds],
+                          "out_of_sample_accuracy_vs_given": float((probs.argmax(1) == labels).double().mean()),
+                          **_label_issue_counts(joint), **fold_summary},
+        "seconds": {k: round(v, 4) for k, v in timings.items()} | {"total": round(time.perf_counter() - started, 4)},
+        "training_accuracy": float((tensors["predicted"] == labels).double().mean()),
+        "num_disagreeing_with_model": int((tensors["predicted"] != labels).sum()),
+    }
+    extras = {"out_of_sample_given_probability": given_p, "suggested_label": suggested,
+              "suggested_label_probability": suggested_p}
+    return AuditResult(scores=scores, self_influence=None, flagged=order[:num_flags], flagged_order=order, damping=None,
+                       summary=json_safe(summary), extras=extras, **tensors)
+
+
+MAX_JOINT_CLASSES = 50  # a C x C table in the summary; larger ones are left out (C^2 numbers)
+
+
+def _label_issue_counts(joint: torch.Tensor) -> dict:
+    """Confident learning's counts for the summary: per given label, how many examples are estimated to
+    belong to another class, and (up to MAX_JOINT_CLASSES classes) the calibrated confident joint,
+    rows = given label, columns = the estimated true label, rounded to whole examples."""
+    off = joint.sum(1) - torch.diagonal(joint)
+    out = {"label_issues_by_given_label": [int(round(float(v))) for v in off]}
+    if joint.shape[0] <= MAX_JOINT_CLASSES:
+        out["confident_joint"] = [[int(round(float(v))) for v in row] for row in joint]
+    return out
 
 
 def json_safe(value):
@@ -439,7 +532,8 @@ def _out_of_sample_pass(estimator, loss, data, targets, n, step):
         probs = torch.cat(prob_rows)
         num_issues, thresholds, joint = confident_learning(probs, targets.cpu(), probs.shape[1])
         summary.update(num_label_issues=num_issues, class_thresholds=[round(float(t), 6) for t in thresholds],
-                       out_of_sample_accuracy_vs_given=float((probs.argmax(1) == targets.cpu().long()).double().mean()))
+                       out_of_sample_accuracy_vs_given=float((probs.argmax(1) == targets.cpu().long()).double().mean()),
+                       **_label_issue_counts(joint))
         if estimator.name != "exact" and num_issues > 0.5 * n:
             # Seen on over-parameterised CNNs that fit every example: the approximate curvature is far
             # too small along an example's own directions, the step overshoots and most labels look wrong.

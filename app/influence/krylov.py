@@ -112,7 +112,7 @@ class LanczosEstimator(_MatrixFree):
             for _ in range(2):
                 w -= basis[: j + 1].T @ (basis[: j + 1] @ w)
             alphas.append(alpha)
-            report("lanczos", (j + 1) / k)
+            report("lanczos", 1.0)  # each iteration is one pass over the data: one of the num_passes slots
             beta = float(w.norm())
             if j + 1 == k or beta <= 1e-10 * max(1.0, abs(alpha)):
                 break

@@ -18,13 +18,20 @@ ESTIMATORS: dict[str, type[Estimator]] = {
 }
 
 
+# audit methods that are not one estimator: loo (a Gauss-Newton removal step over a curvature back end)
+# and folds (fold unlearning: out-of-fold predictions from retrained copies, no curvature)
+COMPOSITE_METHODS = ("folds", "loo")
+
+
 def available_methods() -> list[str]:
-    return sorted([*ESTIMATORS, "loo"])
+    return sorted([*ESTIMATORS, *COMPOSITE_METHODS])
 
 
 def make_estimator(method: str, model, loss, options: EstimatorOptions, device) -> Estimator:
     if method == "loo":
         raise EngineError("'loo' is an audit method on top of a curvature back end; pass curvature=...")
+    if method == "folds":
+        raise EngineError("'folds' is an audit method without a curvature estimator (run_audit runs it)")
     try:
         cls = ESTIMATORS[method]
     except KeyError:

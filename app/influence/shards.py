@@ -29,6 +29,10 @@ SCORES = "scores"  # the last stage of every sharded audit, after the fitting st
 MAX_PARTIAL_BYTES = 256 * 1024**2
 
 
+# methods that always run in one worker, and why (no AuditSetup is made for them)
+UNSHARDED_METHODS = {"folds": "method 'folds' runs in one worker (each fold's copy trains over the other folds in turn)"}
+
+
 def why_not_sharded(config: AuditConfig, setup: AuditSetup) -> str | None:
     """None when this audit can be split into shards; else why it runs in one worker."""
     if setup.loo:
