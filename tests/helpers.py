@@ -108,3 +108,17 @@ def all_pages(client: httpx.Client, path: str, limit: int = 100) -> list[dict]:
         cursor = body["next_cursor"]
         if not cursor:
             return items
+
+
+def model_and_dataset_rows(session, tenant: str = "t"):
+    """A model row (1,000 bytes) and a dataset row (2,000 bytes, 50 examples, 3 classes) of `tenant`,
+    written straight to the database and flushed, for tests that need finished-job rows."""
+    from app.artifacts.tables import DatasetArtifact, ModelArtifact
+
+    model = ModelArtifact(tenant_id=tenant, name="m", format="onnx", sha256="a" * 64, size_bytes=1000,
+                          num_parameters=10, input_shape=[4], num_outputs=3)
+    dataset = DatasetArtifact(tenant_id=tenant, name="d", format="npz", sha256="b" * 64, size_bytes=2000,
+                              num_examples=50, num_classes=3, input_shape=[4], label_counts=[20, 20, 10])
+    session.add_all([model, dataset])
+    session.flush()
+    return model, dataset

@@ -87,17 +87,12 @@ def test_openapi_documents_problems_headers_enums_and_file_parts(app_client):
 def _job_rows(status: str):
     """A model, a dataset and an audit in `status` of the open-mode tenant, plus an attribution of that
     audit in the same status; returns (audit id, attribution id)."""
-    from app.artifacts.tables import DatasetArtifact, ModelArtifact
     from app.audits.tables import Attribution, Audit
     from app.core.db import get_sessionmaker
+    from tests.helpers import model_and_dataset_rows
 
     with get_sessionmaker()() as session:
-        model = ModelArtifact(tenant_id="default", name="m", format="onnx", sha256="a" * 64, size_bytes=10,
-                              num_parameters=10, input_shape=[4], num_outputs=3)
-        dataset = DatasetArtifact(tenant_id="default", name="d", format="npz", sha256="b" * 64, size_bytes=10,
-                                  num_examples=50, num_classes=3, input_shape=[4], label_counts=[20, 20, 10])
-        session.add_all([model, dataset])
-        session.flush()
+        model, dataset = model_and_dataset_rows(session, "default")
         audit = Audit(tenant_id="default", status=status, model_id=model.id, dataset_id=dataset.id, method="ekfac",
                       params={}, error="boom" if status == "failed" else None)
         session.add(audit)

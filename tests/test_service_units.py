@@ -9,6 +9,7 @@ import pytest
 
 from app.core.errors import ProblemError
 from app.core.pagination import decode_cursor, encode_cursor
+from tests.helpers import model_and_dataset_rows
 
 
 def _forge(payload) -> str:
@@ -60,16 +61,7 @@ def test_audit_memory_estimate_grows_with_the_parameters_that_drive_it():
 
 
 def _model_and_dataset(session):
-    """A model row (1,000 bytes) and a dataset row (2,000 bytes, 50 examples) of tenant t, flushed."""
-    from app.artifacts.tables import DatasetArtifact, ModelArtifact
-
-    model = ModelArtifact(tenant_id="t", name="m", format="onnx", sha256="a" * 64, size_bytes=1000,
-                          num_parameters=10, input_shape=[4], num_outputs=3)
-    dataset = DatasetArtifact(tenant_id="t", name="d", format="npz", sha256="b" * 64, size_bytes=2000,
-                              num_examples=50, num_classes=3, input_shape=[4], label_counts=[20, 20, 10])
-    session.add_all([model, dataset])
-    session.flush()
-    return model, dataset
+    return model_and_dataset_rows(session, "t")
 
 
 def test_the_storage_quota_counts_each_stored_curvature_file_once(tmp_path):
