@@ -10,7 +10,7 @@ WORKERS ?= 1
 PORT ?= 8000
 PYTEST_ARGS ?=
 
-.PHONY: run test test-fast install install-test services bench clean
+.PHONY: run test test-fast install install-test services browser bench clean
 
 $(VENV)/.torch:
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -38,8 +38,12 @@ run: $(VENV)/.installed
 services:
 	bash scripts/ensure-services.sh
 
+## Debian's chromium for the review page's browser test (apt-get when missing and root; else the test skips).
+browser:
+	bash scripts/ensure-chromium.sh
+
 ## The whole test suite against real PostgreSQL, Redis, Celery worker processes and HTTP.
-test: $(VENV)/.installed-test services
+test: $(VENV)/.installed-test services browser
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 ## The fast in-process layer: engine units, loaders, the app under a test client on SQLite (schemathesis
@@ -48,7 +52,8 @@ test: $(VENV)/.installed-test services
 ## that wait on each other made the same tests several times slower.
 FAST_TESTS := tests/test_engine_exact.py tests/test_engine_loo.py tests/test_engine_scalable.py \
 	tests/test_engine_shards.py tests/test_loaders.py tests/test_architectures.py tests/test_service_units.py \
-	tests/test_deploy_files.py tests/test_api_contract.py tests/test_schemathesis.py
+	tests/test_deploy_files.py tests/test_api_contract.py tests/test_schemathesis.py tests/test_ui.py \
+	tests/test_client_units.py
 test-fast: $(VENV)/.installed-test
 	OMP_NUM_THREADS=1 $(PY) -m pytest $(FAST_TESTS) $(PYTEST_ARGS)
 

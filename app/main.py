@@ -21,6 +21,7 @@ from app.core.db import get_engine
 from app.core.errors import install_error_handlers, problem_response
 from app.core.limits import BodySizeLimit
 from app.core.openapi import install_openapi
+from app.ui import router as ui_router
 
 log = logging.getLogger("pbrf_audit")
 
@@ -98,6 +99,7 @@ def create_app() -> FastAPI:
     install_openapi(app)
     app.include_router(artifacts_router)
     app.include_router(audits_router)
+    app.include_router(ui_router)  # the review page at /ui (and / redirects there)
 
     @app.get("/healthz", tags=["operations"], summary="The process is up")
     def healthz():

@@ -1054,3 +1054,57 @@ def check_fit(model: LoadedModel, dataset: LoadedDataset) -> None:
         raise ArtifactError("model-dataset-mismatch",
                             f"the dataset has labels up to {dataset.num_classes - 1} but the model has only "
                             f"{model.num_outputs} outputs")
+
+
+# ------------------------------------------------------------------------------- reading some rows
+
+def _finish_rows(array: np.ndarray) -> np.ndarray:
+    """Rows in the dtype the audits see them in (as _finish_input converts: integers and bools to int64,
+    other numbers to float32)."""
+    return array.astype(np.int64 if array.dtype.kind in "iub" else np.float32, copy=False)
+
+
+def _npy_rows(archive: zipfile.ZipFile, member: str, indices: list[int]) -> np.ndarray | None:
+    """Rows `indices` (ascending, distinct) of one C-ordered .npy member, read by seeking within the member:
+    a stored member seeks directly, a compressed one is inflated forward once in a small buffer, never as a
+    whole array. None for a Fortran-ordered array (its rows are not contiguous)."""
+    with archive.open(member) as handle:
+        version = np.lib.format.read_magic(handle)
+        read_header = {(1, 0): np.lib.format.read_array_header_1_0,
+                       (2, 0): np.lib.format.read_array_header_2_0}.get(version)
+        if read_header is None:
+            return None
+        shape, fortran, dtype = read_header(handle, max_header_size=10_000)
+        if dtype.hasobject or (fortran and len(shape) > 1) or not shape:
+            return None
+        row_shape = tuple(shape[1:])
+        row_bytes = math.prod(row_shape) * dtype.itemsize
+        start = handle.tell()
+        rows = []
+        for index in indices:
+            handle.seek(start + index * row_bytes)
+            data = handle.read(row_bytes)
+            if len(data) != row_bytes:
+                raise ArtifactError("invalid-npz", f"`{member}` ends before example {index}")
+            rows.append(np.frombuffer(data, dtype=dtype).reshape(row_shape))
+    return _finish_rows(np.stack(rows) if rows else np.empty((0, *row_shape), dtype))
+
+
+def read_rows(path: Path, fmt: str, input_names: list[str], indices: list[int],
+              limits: DatasetLimits | None = None) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """Examples `indices` (ascending, distinct, in range) of an accepted dataset: ({input name: rows}, labels),
+    in the dtypes the audits see. An .npz is read row by row without loading its arrays; CSV and Parquet
+    (whose rows have no fixed offsets) and Fortran-ordered arrays are loaded whole by load_dataset."""
+    if fmt == "npz":
+        with zipfile.ZipFile(path) as archive:
+            members = set(archive.namelist())
+
+            def member(name: str) -> str:  # numpy reads a member named plain `inputs` before `inputs.npy`
+                return name if name in members else name + ".npy"
+
+            arrays = {name: _npy_rows(archive, member(name), indices) for name in input_names}
+            labels = _npy_rows(archive, member("labels"), indices)
+        if labels is not None and all(rows is not None for rows in arrays.values()):
+            return arrays, labels
+    loaded = load_dataset(path, fmt, limits)
+    return {name: loaded.arrays[name][indices] for name in input_names}, loaded.labels[indices]

@@ -7,6 +7,7 @@ from typing import Annotated
 
 import csv
 import io
+import json
 
 import numpy as np
 from fastapi import APIRouter, File, Form, Header, Query, Response, UploadFile
@@ -23,7 +24,7 @@ from app.audits.schemas import LabelChanges
 from app.audits.service import delete_input
 
 from . import repository, service
-from .schemas import DatasetOut, ModelOut, listed_dataset
+from .schemas import DatasetOut, ExamplesOut, ModelOut, listed_dataset
 
 router = APIRouter(prefix="/v1", responses=PROBLEM_RESPONSES)
 IdempotencyKey = Annotated[str | None, Header(alias="Idempotency-Key", max_length=255, description=(
@@ -168,6 +169,31 @@ def dataset_labels(dataset_id: uuid.UUID, session: SessionDep, store: StoreDep, 
     np.savez_compressed(buffer, labels=found.labels, original_labels=found.original)
     return Response(buffer.getvalue(), media_type="application/octet-stream", headers=headers | {
         "Content-Disposition": f'attachment; filename="dataset-{dataset.id}-labels.npz"'})
+
+
+EXAMPLES_RESPONSES = {404: PROBLEM_RESPONSES[404] | {"description": (
+    "No such dataset for this tenant (`not-found`), or an index at or past its number of examples "
+    "(`example-not-found`)")}, 422: PROBLEM_RESPONSES[422] | {"description": (
+    "`indices` is not a list of non-negative integers, names more than 100 examples (`too-many-indices`), "
+    "or asks for more than 1,048,576 values in all (`too-many-values`)")}}
+
+
+@router.get("/datasets/{dataset_id}/examples", response_model=ExamplesOut, tags=["datasets", "review"],
+            responses=EXAMPLES_RESPONSES,
+            summary="Some examples' input values and labels, by index (at most 100 per request), to look at them")
+def dataset_examples(dataset_id: uuid.UUID, session: SessionDep, store: StoreDep, settings: SettingsDep,
+                     tenant: TenantDep, indices: Annotated[str, Query(max_length=2200, description=(
+                         "Comma-separated example indices, e.g. `3,17,42` (at most 100)"))]):
+    dataset = _owned_or_404(session, tenant, "dataset", dataset_id)
+    wanted = service.parse_indices(indices, dataset.num_examples)
+    session.close()  # reading the rows needs no database connection
+    specs, rows = service.dataset_examples(store, settings, dataset, wanted)
+    body = {"dataset_id": str(dataset.id), "num_examples": dataset.num_examples,
+            "inputs": [{"name": s["name"], "dtype": s["dtype"], "shape": list(s["shape"])} for s in specs],
+            "examples": [{"index": i, "label": rows[i][1],
+                          "inputs": {name: values.reshape(-1).tolist() for name, values in rows[i][0].items()}}
+                         for i in wanted]}
+    return Response(json.dumps(body, separators=(",", ":")), media_type="application/json")
 
 
 @router.get("/datasets", response_model=list[DatasetOut], tags=["datasets"])

@@ -85,3 +85,19 @@ def listed_dataset(row) -> DatasetOut:
         item.label_counts = None
     return item
 
+
+
+class ExampleOut(BaseModel):
+    index: int = Field(description="Position of the example in the dataset")
+    label: int = Field(description="Its label as uploaded")
+    inputs: dict[str, list[float] | list[int]] = Field(description=(
+        "Per input name (see `inputs` of the answer for dtype and shape): the example's values, flattened in "
+        "row-major (C) order"))
+
+
+class ExamplesOut(BaseModel):
+    dataset_id: uuid.UUID
+    num_examples: int
+    inputs: list[InputOut] = Field(description="Name, dtype (int64 or float32, as audited) and shape of one example "
+                                   "of each input array")
+    examples: list[ExampleOut] = Field(description="In the order the indices were asked for (each index once)")

@@ -5,10 +5,12 @@ Nothing is written to the store or the database unless validation passed; the ca
 
 from __future__ import annotations
 
+import math
 from contextlib import ExitStack
 from pathlib import Path
 from typing import BinaryIO
 
+import numpy as np
 from sqlalchemy.orm import Session
 
 from app.core.config import Settings
@@ -167,3 +169,47 @@ def model_inputs(model: ModelArtifact) -> list[dict]:
 def dataset_inputs(dataset: DatasetArtifact) -> list[dict]:
     """The dataset's input arrays; rows from before migration 0005 held one float32 array."""
     return dataset.inputs or loaders.single_input_spec(dataset.input_shape)
+
+
+MAX_EXAMPLES_PER_REQUEST = 100  # indices one GET /v1/datasets/{id}/examples may name
+MAX_EXAMPLE_VALUES = 1 << 20  # input values one such answer may carry (about 20 MB of JSON at most)
+
+
+def parse_indices(text: str, num_examples: int) -> list[int]:
+    """`indices` of GET .../examples: comma-separated example indices, at most MAX_EXAMPLES_PER_REQUEST
+    (422 beyond, or when one is not a non-negative integer), each below num_examples (404 otherwise).
+    Repeats are answered once; the order is kept."""
+    parts = [part.strip() for part in text.split(",")]
+    if not parts or any(not part.isascii() or not part.isdigit() or len(part) > 19 for part in parts):
+        raise ProblemError(422, "validation-error", "`indices` must be comma-separated example indices "
+                           "(non-negative integers), e.g. indices=3,17,42")
+    indices = list(dict.fromkeys(int(part) for part in parts))
+    if len(indices) > MAX_EXAMPLES_PER_REQUEST:
+        raise ProblemError(422, "too-many-indices", f"{len(indices)} indices were asked for; at most "
+                           f"{MAX_EXAMPLES_PER_REQUEST} per request: split them over several requests")
+    outside = [i for i in indices if i >= num_examples]
+    if outside:
+        raise ProblemError(404, "example-not-found", f"the dataset has {num_examples} examples (indices "
+                           f"0..{num_examples - 1}); no example {outside[0]}")
+    return indices
+
+
+def dataset_examples(store: ArtifactStore, settings: Settings, dataset: DatasetArtifact,
+                     indices: list[int]) -> tuple[list[dict], dict[int, tuple[dict[str, np.ndarray], int]]]:
+    """The dataset's input specs and, by example index, ({input name: values}, label) for `indices`
+    (checked by parse_indices), in the dtypes the audits read. Only those rows are read from an .npz."""
+    specs = dataset_inputs(dataset)
+    per_example = sum(math.prod(spec["shape"]) for spec in specs)
+    if per_example * len(indices) > MAX_EXAMPLE_VALUES:
+        fit = max(1, MAX_EXAMPLE_VALUES // max(per_example, 1))
+        raise ProblemError(422, "too-many-values", f"{len(indices)} examples of {per_example} values each exceed "
+                           f"the {MAX_EXAMPLE_VALUES} values one answer may carry: ask for at most {fit} at a time")
+    ordered = sorted(indices)
+    try:
+        arrays, labels = loaders.read_rows(store.path_for(dataset.sha256), dataset.format,
+                                           [spec["name"] for spec in specs], ordered, dataset_limits(settings))
+    except loaders.ArtifactError as exc:
+        raise _problem(exc) from exc
+    rows = {index: ({name: array[k] for name, array in arrays.items()}, int(labels[k]))
+            for k, index in enumerate(ordered)}
+    return specs, rows

@@ -23,3 +23,12 @@ def flags_after(session: Session, audit_id: uuid.UUID, after_rank: int, limit: i
     """Keyset page: flags with rank > after_rank, in rank order."""
     return list(session.scalars(select(AuditFlag).where(AuditFlag.audit_id == audit_id, AuditFlag.rank > after_rank)
                                 .order_by(AuditFlag.rank).limit(limit)))
+
+
+def flag_extent(session: Session, audit_id: uuid.UUID) -> tuple[int, float | None]:
+    """How many flag rows the audit has, and the lowest score among them (None without flags)."""
+    from sqlalchemy import func
+
+    count, lowest = session.execute(select(func.count(), func.min(AuditFlag.score))
+                                    .where(AuditFlag.audit_id == audit_id)).one()
+    return int(count), (float(lowest) if lowest is not None else None)

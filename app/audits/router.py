@@ -6,7 +6,9 @@ import csv
 import io
 import math
 import uuid
-from typing import Annotated
+from typing import Annotated, Literal
+
+import numpy as np
 
 from fastapi import APIRouter, File, Form, Header, Path, Query, Response, UploadFile
 from fastapi.concurrency import run_in_threadpool
@@ -25,7 +27,8 @@ from app.influence.registry import available_methods
 
 from . import attributions, repository, review, service
 from .schemas import (AttributionOut, AuditCreate, AuditList, AuditOut, FlagOut, FlagPage, InfluentialExample,
-                      MethodsOut, QueryAttribution, QueryPage, ScoreOut, ScorePage, VerdictIn, VerdictOut)
+                      MethodsOut, QueryAttribution, QueryPage, ScoreHistogram, ScoreOut, ScorePage, VerdictIn,
+                      VerdictOut)
 
 router = APIRouter(prefix="/v1", responses=PROBLEM_RESPONSES)
 RESULT_RESPONSES = {409: PROBLEM_RESPONSES[400] | {"description": "The audit has not succeeded"}}
@@ -204,6 +207,34 @@ def list_scores(audit_id: uuid.UUID, session: SessionDep, store: StoreDep, tenan
     items = [ScoreOut(**{k: (_finite(v) if isinstance(v, float) else v) for k, v in zip(columns, row(i))})
              for i in range(start, stop)]
     return ScorePage(items=items, next_cursor=encode_cursor("index", stop) if stop < n else None)
+
+
+@router.get("/audits/{audit_id}/scores/histogram", response_model=ScoreHistogram, tags=["audits"],
+            responses=RESULT_RESPONSES,
+            summary="A histogram of every example's score (what the review page draws; one request for any N)")
+def score_histogram(audit_id: uuid.UUID, session: SessionDep, store: StoreDep, tenant: TenantDep,
+                    bins: Annotated[int, Query(ge=1, le=500)] = 50,
+                    scale: Annotated[Literal["auto", "linear", "log"], Query(description=(
+                        "auto: log when every score is positive and the largest is at least 1000 times the "
+                        "smallest (heavy-tailed self-influence), else linear"))] = "auto"):
+    audit = _audit_or_404(session, tenant, audit_id)
+    service.require_succeeded(audit)
+    num_flagged, flagged_min = repository.flag_extent(session, audit.id)
+    scores = np.asarray(service.load_scores(store, audit)["score"], dtype=np.float64)
+    finite = scores[np.isfinite(scores)]
+    if scale == "auto":
+        scale = "log" if finite.size and finite.min() > 0 and finite.max() >= 1000 * finite.min() else "linear"
+    kept = finite[finite > 0] if scale == "log" else finite
+    if kept.size == 0:
+        edges, counts = np.linspace(0.0, 1.0, bins + 1), np.zeros(bins, dtype=np.int64)
+    elif scale == "log":
+        counts, log_edges = np.histogram(np.log10(kept), bins=bins)
+        edges = 10.0 ** log_edges
+    else:
+        counts, edges = np.histogram(kept, bins=bins)
+    return ScoreHistogram(num_examples=int(scores.shape[0]), scale=scale, edges=edges.tolist(),
+                          counts=counts.tolist(), excluded=int(scores.shape[0] - kept.size),
+                          num_flagged=num_flagged, flagged_min_score=flagged_min)
 
 
 # ------------------------------------------------------------------------------ attributions

@@ -187,6 +187,18 @@ class ScorePage(BaseModel):
     next_cursor: str | None
 
 
+class ScoreHistogram(BaseModel):
+    num_examples: int
+    scale: Literal["linear", "log"] = Field(description="How the bins divide the scores: equal widths of the score, "
+                                            "or of log10(score)")
+    edges: list[float] = Field(description="bins + 1 bin edges, in score units (also for scale=log)")
+    counts: list[int] = Field(description="Examples per bin; the last bin includes its upper edge")
+    excluded: int = Field(description="Scores outside the bins: not finite, or not positive with scale=log")
+    num_flagged: int = Field(description="Flag rows of the audit")
+    flagged_min_score: float | None = Field(description="The lowest score among the flags: flagged examples lie at "
+                                            "or above it (null without flags)")
+
+
 class MethodsOut(BaseModel):
     methods: list[str]
     default: str
