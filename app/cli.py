@@ -1,4 +1,5 @@
-"""Command line: `pbrf-audit serve` (API + worker), `migrate`, `worker`, `api`.
+"""Command line: `pbrf-audit serve` (API + worker), `migrate`, `worker`, `api`, `keys`; and the client
+commands `audit`, `status`, `flags`, `export`, which talk to a running server (app/cli_client.py).
 
 `serve` is what `make run` starts: it applies the Alembic migrations, starts a Celery worker
 (prefork, PBRF_WORKER_CONCURRENCY processes, one job each) and the uvicorn API, and stops both on Ctrl-C.
@@ -14,6 +15,8 @@ import time
 from pathlib import Path
 
 import typer
+
+from app.cli_client import register as register_client_commands
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False,
                   help="pbrf-audit: influence-based label auditing service.")
@@ -168,6 +171,9 @@ def keys_revoke(key_id: str) -> None:
             raise typer.Exit(1)
         session.commit()
         typer.echo(f"revoked {key_id}")
+
+
+register_client_commands(app)
 
 
 def main() -> None:
