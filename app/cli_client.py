@@ -187,7 +187,7 @@ def audit(
     architecture: Annotated[str | None, typer.Option("--architecture", help=(
         'With .safetensors: the built-in architecture as JSON, e.g. '
         '\'{"type": "mlp", "input_size": 64, "hidden_sizes": [32], "num_classes": 10}\', or @FILE'))] = None,
-    method: Annotated[str | None, typer.Option("--method", help="Influence estimator (server default: ekfac; "
+    method: Annotated[str | None, typer.Option("--method", help="Influence estimator (server default: folds; "
                                                 "see GET /v1/methods)")] = None,
     param: Annotated[list[str] | None, typer.Option("--param", help=(
         "Another audit setting as key=value (damping=0.01, batch_size=64, curvature=exact, flag_fraction=0.1, "

@@ -211,7 +211,7 @@ def test_every_method_through_the_worker(client, tmp_path):
     m = upload_model(client, path).json()
     d = upload_dataset(client, npz_bytes(inputs=inputs, labels=labels)).json()
     methods = client.get("/v1/methods").json()
-    assert methods["default"] == "ekfac"
+    assert methods["default"] == "folds"
     assert {"exact", "identity", "diagonal", "kfac", "ekfac", "lanczos", "cg"} <= set(methods["methods"])
     created = {}
     for method in ("ekfac", "kfac", "diagonal", "lanczos", "cg", "loo", "folds"):
@@ -221,9 +221,13 @@ def test_every_method_through_the_worker(client, tmp_path):
         r = client.post("/v1/audits", json=body)
         assert r.status_code == 202, r.text
         created[method] = r.json()["id"]
-    # the default method is ekfac
+    # the default method is folds (the best measured, bench/results/detection.md), with its own size floor
     default = client.post("/v1/audits", json={"model_id": m["id"], "dataset_id": d["id"]}).json()
-    assert default["method"] == "ekfac"
+    assert default["method"] == "folds" and default["params"]["fold_shrink"] == 0.5
+    tiny = upload_dataset(client, npz_bytes(inputs=inputs[:6], labels=labels[:6])).json()
+    problem = assert_problem(client.post("/v1/audits", json={"model_id": m["id"], "dataset_id": tiny["id"]}), 422,
+                             "dataset-too-small-for-method")
+    assert "at least 10 examples" in problem["detail"]
     folds_id = created.pop("folds")
     for method, audit_id in created.items():
         final, _ = wait_for_audit(client, audit_id)

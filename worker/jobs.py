@@ -25,7 +25,7 @@ import onnx  # noqa: F401
 import onnx2pytorch  # noqa: F401  imported once per worker, not in every job's child (torchvision: ~0.4 s)
 import torch
 from sqlalchemy import and_, case, delete, func, insert, or_, select, update
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import OperationalError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.artifacts import loaders
@@ -42,6 +42,23 @@ from app.influence.attribution import run_attribution
 
 log = logging.getLogger("pbrf_audit.worker")
 MAX_ATTEMPTS = 3
+
+
+def _driver_errors() -> tuple[type[BaseException], ...]:
+    """The database drivers' own error classes (a raw connection raises them unwrapped)."""
+    import sqlite3
+
+    found: list[type[BaseException]] = [sqlite3.Error]
+    try:
+        import psycopg
+    except ImportError:
+        pass
+    else:
+        found.append(psycopg.Error)
+    return tuple(found)
+
+
+_DRIVER_ERRORS = _driver_errors()
 
 
 class JobLost(Exception):
@@ -301,11 +318,28 @@ def _failed(exc: Exception, table, job_id: uuid.UUID, token: str, settings: Sett
         message = f"the {kind} exceeded its time limit of {settings.task_soft_time_limit} s"
     elif _out_of_memory(exc):
         message = _memory_text(kind, settings)
+    elif (database := _database_error(exc)) is not None:
+        # its text holds the statement and its parameters (the claim token among them): the log keeps them,
+        # the tenant reads audit.error and gets the kind of error only
+        log.error("%s %s failed on a database error:\n%s", kind, job_id, "".join(traceback.format_exception(exc)))
+        message = (f"internal error while running the {kind}: the database refused to store or read its data "
+                   f"({type(database).__name__}); the details are in the worker log")
     else:
         log.error("%s %s crashed:\n%s", kind, job_id, traceback.format_exc())
         message = f"internal error while running the {kind} ({type(exc).__name__}: {exc})"
     _fail(factory, job_id, token, message, table)
     return "failed"
+
+
+def _database_error(exc: BaseException) -> BaseException | None:
+    """The SQLAlchemy or driver error behind `exc` (itself, or its cause or context), or None."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, (SQLAlchemyError, *_DRIVER_ERRORS)):
+            return exc
+        exc = exc.__cause__ or exc.__context__
+    return None
 
 
 def _memory_text(kind: str, settings: Settings) -> str:
@@ -534,6 +568,7 @@ def _audit_config(method: str, damping: float | None, params: dict, settings: Se
                        curvature=params.get("curvature", "auto"), lanczos_rank=params.get("lanczos_rank", 64),
                        verify_top_k=params.get("verify_top_k", 0), pbrf_epsilon=params.get("pbrf_epsilon"),
                        folds=params.get("folds", 5), fold_epochs=params.get("fold_epochs", 15),
+                       fold_shrink=params.get("fold_shrink", 0.5),
                        max_exact_parameters=settings.max_exact_parameters)
 
 

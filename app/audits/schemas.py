@@ -18,7 +18,9 @@ class AuditCreate(BaseModel):
 
     model_id: uuid.UUID
     dataset_id: uuid.UUID
-    method: str = Field("ekfac", max_length=32, description="Influence estimator (see GET /v1/methods)")
+    method: str = Field("folds", max_length=32, description=(
+        "Influence estimator (see GET /v1/methods); the default, folds, predicts every example from a copy of "
+        "the model that unlearned its fold and flags by confident learning, with suggested labels"))
     damping: float | None = Field(None, gt=0, le=1e6, allow_inf_nan=False, description="lambda; null = 0.1 x mean eigenvalue of the curvature")
     weight_decay: float = Field(0.0, ge=0, le=1e3, allow_inf_nan=False, description="L2 strength used in training; added to the curvature")
     batch_size: int | None = Field(None, ge=1, le=8192, description="Examples per batch; null = chosen from the model size")
@@ -41,6 +43,10 @@ class AuditCreate(BaseModel):
     fold_epochs: int = Field(15, ge=1, le=100, description=(
         "Method folds: the most epochs each fold's copy trains (it stops 3 epochs after its held-back loss "
         "last fell, and predicts with its best epoch)"))
+    fold_shrink: float = Field(0.5, gt=0, le=1, allow_inf_nan=False, description=(
+        "Method folds: every weight but the re-initialised output layer is multiplied by this before a fold "
+        "trains, so that features that only memorised examples hold up are rebuilt from the retained data "
+        "(1 = fine-tune from the trained weights unchanged)"))
     shard_size: int | None = Field(None, ge=1, le=10**9, description=(
         "Training examples per shard: an audit over more examples is split into shards that every worker "
         "may take (blockwise methods ekfac, kfac, diagonal; rounded to a multiple of the batch size); "

@@ -84,6 +84,11 @@ def create_audit(*, session: Session, tenant_id: str, request: AuditCreate) -> A
         raise ProblemError(422, "dataset-too-large-for-method",
                            "method 'cg' solves one linear system per example and is limited to 512 examples; "
                            "use ekfac or exact")
+    if request.method == "folds" and dataset.num_examples < 2 * request.folds:
+        raise ProblemError(422, "dataset-too-small-for-method",
+                           f"method 'folds' predicts each of {request.folds} folds from a copy trained on the others "
+                           f"and needs at least {2 * request.folds} examples (this dataset has "
+                           f"{dataset.num_examples}); lower `folds` or use ekfac")
     values = sum(math.prod(spec["shape"]) for spec in dataset_inputs(dataset))
     estimate = estimate_worker_bytes(request, model.num_parameters, model.num_outputs, dataset.num_examples, values)
     total = sum(estimate.values())

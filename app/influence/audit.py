@@ -42,6 +42,7 @@ class AuditConfig:
     device: str | None = None  # None: CUDA when available, else CPU
     folds: int = 5  # method `folds`: how many folds are unlearned, one at a time
     fold_epochs: int = 15  # method `folds`: the most epochs a fold's copy trains
+    fold_shrink: float = 0.5  # method `folds`: weights are multiplied by this before a fold trains (1 = off)
 
 
 @dataclass
@@ -361,7 +362,8 @@ def run_fold_audit(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor
     report("predictions", 0.02)
     timings["predictions"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    settings = FoldSettings(folds=config.folds, max_epochs=config.fold_epochs, seed=config.seed)
+    settings = FoldSettings(folds=config.folds, max_epochs=config.fold_epochs, shrink=config.fold_shrink,
+                            seed=config.seed)
     probs, fold_summary = out_of_fold_probabilities(model, inputs, targets, settings, device,
                                                     lambda f: report("folds", 0.02 + 0.97 * f))
     timings["folds"] = time.perf_counter() - t0
