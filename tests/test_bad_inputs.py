@@ -205,6 +205,76 @@ def test_model_validation_runs_under_a_memory_limit_and_a_concurrency_cap(tmp_pa
         slot.release()
 
 
+def test_dataset_parsing_runs_under_a_concurrency_cap(tmp_path, monkeypatch):
+    """Each dataset parse may take up to PBRF_MAX_DATASET_BYTES; several at once used to add up without
+    bound in the API process. With PBRF_MAX_CONCURRENT_DATASET_PARSES parses in flight, an upload (and a
+    read of CSV rows, which parses the file whole) waits, then gets 503 `dataset-parser-busy` with
+    Retry-After; reading rows of an .npz parses nothing and goes on; a freed slot lets the next one in."""
+    import threading
+    import uuid
+    from contextlib import ExitStack
+
+    from sqlalchemy import create_engine
+    from sqlalchemy.orm import Session
+
+    from app.artifacts import service
+    from app.artifacts.loaders import ArtifactError
+    from app.artifacts.service import create_dataset, dataset_examples, dataset_parse_slot, load_uploaded_dataset
+    from app.artifacts.tables import DatasetArtifact
+    from app.audits.review import dataset_labels
+    from app.core.config import Settings
+    from app.core.db import Base
+    from app.core.errors import ProblemError
+    from app.core.storage import ArtifactStore
+
+    monkeypatch.setattr(service, "DATASET_PARSE_WAIT_SECONDS", 1.0)  # 10 s in the server
+    settings = Settings(data_dir=tmp_path, max_concurrent_dataset_parses=2)
+    store = ArtifactStore(tmp_path / "artifacts")
+    store.ensure()
+    content = npz_bytes(inputs=np.zeros((4, 2), np.float32), labels=np.array([0, 1, 0, 1]))
+    (tmp_path / "d.npz").write_bytes(content)
+    csv_sha, npz_sha = store.put_bytes(b"a,b,label\n1,2,0\n3,4,1\n"), store.put_bytes(content)
+    rows = {fmt: DatasetArtifact(id=uuid.uuid4(), tenant_id="t", name="d", format=fmt, sha256=sha, size_bytes=1,
+                                 num_examples=2, num_classes=2, input_shape=[2], label_counts=[1, 1])
+            for fmt, sha in (("csv", csv_sha), ("npz", npz_sha))}
+    engine = create_engine(f"sqlite:///{tmp_path / 'parse.db'}")
+    Base.metadata.create_all(engine)
+    with ExitStack() as busy:
+        held = [busy.enter_context(ExitStack()) for _ in range(2)]
+        for stack in held:
+            stack.enter_context(dataset_parse_slot(settings))  # two parses in flight
+        with pytest.raises(ArtifactError) as err:
+            load_uploaded_dataset(tmp_path / "d.npz", "npz", settings, wait_seconds=0.1)
+        assert err.value.slug == "dataset-parser-busy" and err.value.status == 503
+        assert "PBRF_MAX_CONCURRENT_DATASET_PARSES" in err.value.detail
+        started = time.monotonic()
+        with Session(engine) as session, pytest.raises(ProblemError) as problem:
+            create_dataset(session=session, store=store, settings=settings, tenant_id="t",
+                           source=io.BytesIO(content), filename="d.npz", name=None)
+        assert time.monotonic() - started >= 1  # it waited for a slot before answering
+        assert problem.value.status == 503 and problem.value.slug == "dataset-parser-busy"
+        assert problem.value.headers and "Retry-After" in problem.value.headers
+        with pytest.raises(ProblemError) as problem:
+            dataset_examples(store, settings, rows["csv"], [1])
+        assert problem.value.status == 503 and problem.value.slug == "dataset-parser-busy"
+        assert dataset_examples(store, settings, rows["npz"], [1])[1][1][1] == 1  # row reads parse nothing
+        with Session(engine) as session, pytest.raises(ProblemError) as problem:  # GET .../labels parses it whole
+            dataset_labels(session, store, settings, rows["npz"], corrected=False)
+        assert problem.value.status == 503 and problem.value.slug == "dataset-parser-busy"
+
+        done = []
+        waiting = threading.Thread(target=lambda: done.append(load_uploaded_dataset(tmp_path / "d.npz", "npz",
+                                                                                    settings, wait_seconds=5)))
+        waiting.start()
+        time.sleep(0.3)
+        assert not done  # still waiting for a slot
+        held[0].close()  # one parse ends
+        waiting.join(10)
+        assert done and done[0].num_examples == 4
+    assert load_uploaded_dataset(tmp_path / "d.npz", "npz", settings).num_examples == 4
+    assert dataset_labels(None, store, settings, rows["npz"], corrected=False).labels.tolist() == [0, 1, 0, 1]
+
+
 def _slow_model(path: Path, convolutions: int = 100) -> Path:
     """A valid 150 kB ONNX model whose smoke forward pass takes many seconds on one core (64-channel
     3x3 convolutions over a fixed 256x256 input, one shared weight) while holding little memory."""

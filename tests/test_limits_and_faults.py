@@ -152,6 +152,10 @@ def test_database_error_while_writing_results_leaves_nothing_half_written(tmp_pa
             assert_problem(client.get(f"/v1/audits/{audit['id']}/flags"), 409, "audit-not-succeeded")
         with psycopg.connect(raw) as conn:
             assert conn.execute("SELECT count(*) FROM audit_flag").fetchone()[0] == 0
+            token = conn.execute("SELECT claim_token FROM audit WHERE id = %s", (audit["id"],)).fetchone()[0]
+        # the database's words (the statement, its parameters, the claim token) stay in the worker's log
+        assert "database" in final["error"] and token and token not in final["error"], final
+        assert not any(word in final["error"].upper() for word in ("SELECT", "UPDATE", "INSERT", "DELETE")), final
     finally:
         svc.stop()
 

@@ -428,3 +428,185 @@ def test_a_tensor_size_computed_from_the_input_values_is_refused_before_anything
     with pytest.raises(ArtifactError) as err:
         load_onnx(corpus)
     assert err.value.slug == "data-dependent-shape" and "'bomb' (Range)" in err.value.detail
+
+
+def test_parquet_is_priced_at_its_conversion_peak_and_read_within_it(tmp_path):
+    """A table of boolean columns becomes int64 (8 bytes a value from 1 bit): the reading used to hold a
+    list of int64 copies and their column_stack (16 bytes a value) beside the table, while the budget
+    counted 8. 5,000 rows x 106 bool columns against a thousandth of the 4 GiB default mirrors 5M x 106
+    against the default (which took 8.5 GB): refused with the estimate. Under a limit at the estimate it
+    loads, and what NumPy allocates on the way stays within it."""
+    import re
+    import tracemalloc
+
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from app.artifacts.loaders import DatasetLimits, load_parquet
+
+    rows, columns = 5_000, 106
+    rng = np.random.default_rng(0)
+    table = pa.table({f"f{j}": rng.random(rows) < 0.5 for j in range(columns)} | {"label": rng.integers(0, 3, rows)})
+    pq.write_table(table, tmp_path / "bools.parquet")
+    limit = 4 * 1024**3 // 1000
+    assert rows * (columns + 1) * 8 <= limit  # what the old check priced: it passed
+    with pytest.raises(ArtifactError) as err:
+        load_parquet(tmp_path / "bools.parquet", DatasetLimits(max_uncompressed_bytes=limit))
+    assert err.value.slug == "dataset-too-large" and err.value.status == 413
+    assert str(limit) in err.value.detail and "PBRF_MAX_DATASET_BYTES" in err.value.detail
+    estimate = int(re.search(r"about (\d+) bytes", err.value.detail).group(1))
+    assert estimate > limit and estimate >= rows * columns * 8
+
+    tracemalloc.start()
+    try:
+        loaded = load_parquet(tmp_path / "bools.parquet", DatasetLimits(max_uncompressed_bytes=estimate))
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak <= estimate, (peak, estimate)
+    assert loaded.inputs.dtype == np.int64 and loaded.inputs.shape == (rows, columns)
+    np.testing.assert_array_equal(loaded.inputs[:, 7], table.column("f7").to_numpy().astype(np.int64))
+    np.testing.assert_array_equal(loaded.labels, table.column("label").to_numpy())
+    # a float column makes every column float32, converted in place
+    pq.write_table(pa.table({"a": [1, 2, 3], "b": np.array([0.5, 1.5, 2.5], np.float32), "c": [True, False, True],
+                             "label": [0, 1, 0]}), tmp_path / "mixed.parquet")
+    mixed = load_parquet(tmp_path / "mixed.parquet", DatasetLimits())
+    assert mixed.inputs.dtype == np.float32
+    np.testing.assert_array_equal(mixed.inputs, [[1, 0.5, 1], [2, 1.5, 0], [3, 2.5, 1]])
+
+
+def test_wide_tables_are_refused_from_their_header_before_any_row_is_parsed(tmp_path):
+    """100,000 CSV columns took the API 160 s per 60 MB: the column count is capped (16,384 by default,
+    PBRF_MAX_TABLE_COLUMNS) from the header alone, with advice to use .npz; Parquet from its schema."""
+    import time
+
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from app.artifacts.loaders import DatasetLimits, load_dataset
+
+    header = ",".join(f"c{i}" for i in range(100_000)) + ",label\n"  # well under the 1 MiB header cap
+    row = ",".join("0" for _ in range(100_000)) + ",0\n"
+    (tmp_path / "wide.csv").write_text(header + row * 20)
+    started = time.perf_counter()
+    with pytest.raises(ArtifactError) as err:
+        load_dataset(tmp_path / "wide.csv", "csv", DatasetLimits())
+    assert time.perf_counter() - started < 2
+    assert err.value.slug == "dataset-too-many-columns" and err.value.status == 422
+    assert "100000" in err.value.detail and "16384" in err.value.detail
+    assert "PBRF_MAX_TABLE_COLUMNS" in err.value.detail and ".npz" in err.value.detail
+    # refused from the header: rows that would fail to parse are never reached
+    (tmp_path / "four.csv").write_text("a,b,c,d,label\nx,y,z,w,0\n")
+    with pytest.raises(ArtifactError) as err:
+        load_dataset(tmp_path / "four.csv", "csv", DatasetLimits(max_columns=3))
+    assert err.value.slug == "dataset-too-many-columns"
+    (tmp_path / "three.csv").write_text("a,b,c,label\n1,2,3,0\n")
+    assert load_dataset(tmp_path / "three.csv", "csv", DatasetLimits(max_columns=3)).input_shape == [3]
+    pq.write_table(pa.table({f"f{j}": np.zeros(2) for j in range(4)} | {"label": [0, 1]}), tmp_path / "four.parquet")
+    with pytest.raises(ArtifactError) as err:
+        load_dataset(tmp_path / "four.parquet", "parquet", DatasetLimits(max_columns=3))
+    assert err.value.slug == "dataset-too-many-columns" and "Parquet" in err.value.detail
+
+
+def _control_flow_model(body_nodes, kind: str, body_inputs=(), body_outputs=None, carried_init=None):
+    """x (batch, 4) -> logits (batch, 3), with a Loop (trip count 2, condition true) or an If (condition a
+    constant) whose body holds `body_nodes`; the body reads the outer scope's `n1`, an int64 [1] computed
+    from the *values* of x (ReduceMax), and `s1`, the same from x's *shape*."""
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    def float_info(name):
+        return helper.make_tensor_value_info(name, TensorProto.FLOAT, None)
+
+    outer = [helper.make_node("ReduceMax", ["x"], ["peak"], keepdims=0),
+             helper.make_node("Cast", ["peak"], ["n0"], to=TensorProto.INT64),
+             helper.make_node("Reshape", ["n0", "one"], ["n1"]),
+             helper.make_node("Shape", ["x"], ["shape"]),
+             helper.make_node("Slice", ["shape", "one", "two"], ["s1"])]
+    if kind == "If":
+        body = helper.make_graph(body_nodes, "then", [], body_outputs or [float_info("z")])
+        other = helper.make_graph([helper.make_node("Constant", [], ["z0"], value=numpy_helper.from_array(
+            np.zeros(1, np.float32)))], "else", [], [float_info("z0")])
+        outer.append(helper.make_node("If", ["yes"], ["z_out"], then_branch=body, else_branch=other, name="branch"))
+    else:
+        inputs = [helper.make_tensor_value_info("i", TensorProto.INT64, []),
+                  helper.make_tensor_value_info("c", TensorProto.BOOL, []), *body_inputs]
+        body = helper.make_graph(body_nodes, "body", inputs, body_outputs)
+        outer.append(helper.make_node("Loop", ["trips", "yes", *(carried_init or [])],
+                                      [*(["carried_out"] if carried_init else []), "z_out"], body=body, name="loop"))
+    outer += [helper.make_node("ReduceSum", ["z_out"], ["total"], keepdims=0),
+              helper.make_node("MatMul", ["x", "W"], ["xw"]),
+              helper.make_node("Add", ["xw", "total"], ["y"])]
+    initializers = [numpy_helper.from_array(np.array([1], np.int64), "one"),
+                    numpy_helper.from_array(np.array([2], np.int64), "two"),
+                    numpy_helper.from_array(np.array(2, np.int64), "trips"),
+                    numpy_helper.from_array(np.array(True), "yes"),
+                    numpy_helper.from_array(np.array([0], np.int64), "zero_size"),
+                    numpy_helper.from_array(np.ones((4, 3), np.float32), "W")]
+    graph = helper.make_graph(outer, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 3])], initializers)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_sizes_from_the_input_values_inside_loop_and_if_bodies_are_refused(tmp_path):
+    """A Loop or If body is a graph of its own that reads the outer scope by name: a ConstantOfShape in
+    it fed by the input's values (through the outer scope, or carried from one iteration to the next)
+    is refused like one outside, as is a Loop whose condition follows the data, and a DFT whose length
+    does; sizes from the input's shape stay fine inside a body."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from app.artifacts.loaders import refuse_data_dependent_sizes
+
+    def float_info(name):
+        return helper.make_tensor_value_info(name, TensorProto.FLOAT, None)
+
+    def int_info(name):
+        return helper.make_tensor_value_info(name, TensorProto.INT64, [1])
+
+    bomb = [helper.make_node("ConstantOfShape", ["n1"], ["z"], name="bomb")]
+    cond = helper.make_node("Identity", ["c"], ["c_out"])
+    for kind, model in (
+        ("If", _control_flow_model(bomb, "If")),
+        ("Loop", _control_flow_model([cond, *bomb], "Loop", body_outputs=[helper.make_tensor_value_info(
+            "c_out", TensorProto.BOOL, []), float_info("z")])),
+    ):
+        onnx.checker.check_model(model)
+        path = tmp_path / f"{kind}.onnx"
+        onnx.save(model, str(path))
+        with pytest.raises(ArtifactError) as err:
+            load_onnx(path)
+        assert err.value.slug == "data-dependent-shape", err.value.detail
+        assert "'bomb' (ConstantOfShape)" in err.value.detail and f"body of {kind}" in err.value.detail
+
+    # a carried value that starts as a constant and takes the data's values in the first iteration
+    carried = _control_flow_model(
+        [cond, helper.make_node("ConstantOfShape", ["k"], ["z"], name="late"),
+         helper.make_node("Add", ["k", "n1"], ["k_next"])],
+        "Loop", body_inputs=[int_info("k")], carried_init=["zero_size"],
+        body_outputs=[helper.make_tensor_value_info("c_out", TensorProto.BOOL, []), int_info("k_next"), float_info("z")])
+    with pytest.raises(ArtifactError) as err:
+        refuse_data_dependent_sizes(carried.graph)
+    assert "'late' (ConstantOfShape)" in err.value.detail
+    # a loop that runs for as long as the data says
+    endless = _control_flow_model(
+        [helper.make_node("Cast", ["n1"], ["flag"], to=TensorProto.BOOL),
+         helper.make_node("Squeeze", ["flag"], ["c_out"]), helper.make_node("ConstantOfShape", ["s1"], ["z"])],
+        "Loop", body_outputs=[helper.make_tensor_value_info("c_out", TensorProto.BOOL, []), float_info("z")])
+    with pytest.raises(ArtifactError) as err:
+        refuse_data_dependent_sizes(endless.graph)
+    assert "condition of Loop 'loop'" in err.value.detail
+    # an FFT length read from the data
+    dft = _control_flow_model([helper.make_node("DFT", ["x3", "n0"], ["z"], name="fft"),
+                               helper.make_node("Unsqueeze", ["x", "two"], ["x3"])], "If")
+    with pytest.raises(ArtifactError) as err:
+        refuse_data_dependent_sizes(dft.graph)
+    assert "'fft' (DFT)" in err.value.detail
+    # sizes from the input's shape, inside bodies, are fine
+    for model in (_control_flow_model([helper.make_node("ConstantOfShape", ["s1"], ["z"])], "If"),
+                  _control_flow_model([cond, helper.make_node("ConstantOfShape", ["s1"], ["z"])], "Loop",
+                                      body_outputs=[helper.make_tensor_value_info("c_out", TensorProto.BOOL, []),
+                                                    float_info("z")])):
+        refuse_data_dependent_sizes(model.graph)

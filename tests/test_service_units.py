@@ -163,3 +163,104 @@ def test_deleting_a_dataset_takes_one_short_transaction_per_audit(tmp_path):
         assert session.scalar(select(func.count()).select_from(AuditFlag)) == 0
         assert session.scalar(select(func.count()).select_from(Audit)) == 0
         assert session.get(DatasetArtifact, dataset.id) is None
+
+
+@pytest.mark.parametrize("wrapped", [False, True], ids=["raised", "as-the-cause"])
+def test_a_database_error_fails_the_job_without_its_sql_or_claim_token(tmp_path, wrapped, caplog):
+    """A database error other than a transient one fails the audit with a readable, generic error: its
+    text (the statement and its parameters, the claim token among them) goes to the worker log only, not
+    to audit.error, which the tenant reads. Real SQL on SQLite: a duplicate key raises IntegrityError."""
+    import uuid
+
+    from sqlalchemy import create_engine
+    from sqlalchemy.exc import IntegrityError
+    from sqlalchemy.orm import Session, sessionmaker
+
+    from app.audits.tables import Audit
+    from app.core.config import Settings
+    from app.core.db import Base
+    from worker.jobs import _failed
+
+    engine = create_engine(f"sqlite:///{tmp_path / 'jobs.db'}")
+    Base.metadata.create_all(engine)
+    token, audit_id = uuid.uuid4().hex, uuid.uuid4()
+    with Session(engine) as session:
+        model, dataset = _model_and_dataset(session)
+        row = {"tenant_id": "t", "status": "running", "model_id": model.id, "dataset_id": dataset.id,
+               "method": "ekfac", "params": {}, "claim_token": token}
+        session.add(Audit(id=audit_id, **row))
+        session.commit()
+        session.add(Audit(id=audit_id, **row))  # the same key again, with the token among the parameters
+        with pytest.raises(IntegrityError) as raised:
+            session.commit()
+    assert "INSERT" in str(raised.value) and token in str(raised.value)  # what used to reach the tenant
+    exc = raised.value
+    if wrapped:
+        try:
+            raise RuntimeError(f"writing the results failed: {exc}") from exc
+        except RuntimeError as outer:
+            exc = outer
+    with caplog.at_level("ERROR", logger="pbrf_audit.worker"):
+        assert _failed(exc, Audit, audit_id, token, Settings(data_dir=tmp_path), sessionmaker(engine)) == "failed"
+    with Session(engine) as session:
+        audit = session.get(Audit, audit_id)
+        assert audit.status == "failed" and "IntegrityError" in audit.error and "database" in audit.error
+        assert not any(word in audit.error.upper() for word in ("SELECT", "UPDATE", "INSERT", "DELETE", " INTO "))
+        assert token not in audit.error and "claim_token" not in audit.error
+    assert token in caplog.text  # the details stay in the worker log
+
+
+def test_listing_datasets_does_not_read_label_counts_it_does_not_show(tmp_path):
+    """A list shows label_counts only for datasets of at most 1000 classes; the others' counts (100k
+    classes: about 0.6 MB of JSON each, 3.6 MB once parsed) are not even fetched: the page is the one it
+    always was, the SQL never selects their counts, and the list holds a small fraction of their size.
+    Real SQL on SQLite."""
+    import tracemalloc
+    import uuid
+
+    from sqlalchemy import create_engine, event
+    from sqlalchemy.orm import Session
+
+    from app.artifacts import repository
+    from app.artifacts.schemas import DatasetOut, listed_dataset
+    from app.artifacts.tables import DatasetArtifact
+    from app.core.db import Base
+
+    engine = create_engine(f"sqlite:///{tmp_path / 'list.db'}")
+    Base.metadata.create_all(engine)
+    big_ids = [uuid.uuid4() for _ in range(5)]
+    with Session(engine) as session:
+        _model_and_dataset(session)  # 3 classes: its counts are shown
+        session.add(DatasetArtifact(tenant_id="t", name="legacy", format="csv", sha256="c" * 64, size_bytes=10,
+                                    num_examples=4, num_classes=1000, input_shape=[2], inputs=None,
+                                    label_counts=[0] * 999 + [4]))
+        for dataset_id in big_ids:
+            session.add(DatasetArtifact(id=dataset_id, tenant_id="t", name="big", format="npz", sha256="e" * 64,
+                                        size_bytes=10, num_examples=100_000, num_classes=100_000, input_shape=[2],
+                                        label_counts=[1] * 100_000))
+        session.add(DatasetArtifact(tenant_id="other", name="theirs", format="npz", sha256="f" * 64, size_bytes=1,
+                                    num_examples=1, num_classes=1, input_shape=[1], label_counts=[1]))
+        session.commit()
+
+    with Session(engine) as session:  # the page as it was: every row loaded whole, big counts dropped
+        rows = session.query(DatasetArtifact).filter_by(tenant_id="t").order_by(DatasetArtifact.created_at.desc())
+        expected = [DatasetOut.model_validate(row).model_copy(
+            update={"label_counts": row.label_counts if row.num_classes <= 1000 else None}).model_dump(mode="json")
+            for row in rows]
+    statements = []
+    event.listen(engine, "before_cursor_execute",
+                 lambda conn, cursor, statement, parameters, context, many: statements.append((statement, parameters)))
+    with Session(engine) as session:
+        tracemalloc.start()
+        try:
+            page = [listed_dataset(row).model_dump(mode="json") for row in repository.list_datasets(session, "t", 100)]
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+    assert sorted(page, key=lambda d: d["id"]) == sorted(expected, key=lambda d: d["id"])
+    assert [d["label_counts"] for d in page if d["num_classes"] > 1000] == [None] * 5
+    assert {len(d["label_counts"]) for d in page if d["num_classes"] <= 1000} == {3, 1000}
+    reading_counts = [(sql, params) for sql, params in statements if "label_counts" in sql]
+    assert reading_counts and all(" IN " in sql.upper() for sql, _ in reading_counts), statements
+    assert not any(dataset_id.hex in str(params) for _, params in reading_counts for dataset_id in big_ids)
+    assert peak < 2_000_000, peak  # one big dataset's parsed counts alone take 3.6 MB

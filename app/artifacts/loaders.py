@@ -8,6 +8,7 @@ Every rejection is an ArtifactError with a stable slug that the API turns into a
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import io
@@ -562,7 +563,8 @@ def _graph_input_specs(proto) -> list[dict]:
 
 # Inputs of ONNX operators that set the *size* of a tensor (by position). A size computed from the
 # values of the data (rather than from the input's shape) lets one crafted example allocate without
-# bound, or run a loop for as long as it likes.
+# bound, or run a loop for as long as it likes. Operators whose output *count* follows the values
+# (NonZero, Unique, NonMaxSuppression, ...) are here too: a Shape of their output would launder it.
 SIZE_INPUTS = {
     "ConstantOfShape": (0,), "Range": (0, 1, 2), "Tile": (1,), "Expand": (1,), "Reshape": (1,),
     "Resize": (2, 3), "Upsample": (1,), "Pad": (1,), "Slice": (1, 2, 3, 4), "TopK": (1,), "OneHot": (1,),
@@ -570,29 +572,82 @@ SIZE_INPUTS = {
     "MaxUnpool": (2,), "CenterCropPad": (1,), "Squeeze": (1,), "Unsqueeze": (1,),
     "ReduceSum": (1,), "ReduceMean": (1,), "ReduceMax": (1,), "ReduceMin": (1,), "ReduceProd": (1,),
     "ReduceL1": (1,), "ReduceL2": (1,), "ReduceLogSum": (1,), "ReduceLogSumExp": (1,), "ReduceSumSquare": (1,),
+    # converted by onnx2pytorch 0.6.0, each reading a size from a tensor's values (int(...)):
+    "DFT": (1,), "STFT": (1, 3), "Col2Im": (1, 2), "SplitToSequence": (1,), "NonMaxSuppression": (0, 1, 2),
+    "AffineGrid": (1,), "HannWindow": (0,), "HammingWindow": (0,), "BlackmanWindow": (0,),
+    "MelWeightMatrix": (0, 1), "ImageDecoder": (0,),
 }
 # operators whose outputs depend only on their inputs' shapes, never on their values
 SHAPE_ONLY = {"Shape", "Size"}
 
 
+def _data_dependent(node, position: int, where: str) -> ArtifactError:
+    name = node.name or node.output[0]
+    return ArtifactError(
+        "data-dependent-shape",
+        f"node {name!r} ({node.op_type}){where} takes a tensor size from the values of the input data "
+        f"(its input {position}, {node.input[position]!r}): one example could make it allocate "
+        "or loop without bound. Export a model whose sizes depend only on the input's shape.")
+
+
+def _subgraphs(node):
+    for attribute in node.attribute:
+        if attribute.HasField("g"):
+            yield attribute.g
+        yield from attribute.graphs
+
+
+def _tainted_body(node, body, tainted: set[str], where: str) -> set[str]:
+    """Walk the body of a Loop, If, Scan (...) node; returns the names it taints. The body sees the outer
+    scope's values (tainted ones stay tainted); its own inputs are tainted where the values fed to them
+    are: for Loop, input i of the body receives the node's input i (i >= 1) and then, from the second
+    iteration, the body's output i - 1, so the walk repeats until no carried value changes; a Loop
+    body whose condition follows the data is refused (it loops for as long as the data says)."""
+    own = {t.name for t in body.initializer} | {i.name for i in body.input}
+    scope = tainted - own
+    name = node.name or node.output[0]
+    inner_where = f" in the body of {node.op_type} {name!r}{where}"
+    if node.op_type != "Loop":
+        fed = any(i in tainted for i in node.input if i)
+        return _tainted_walk(body, scope | ({i.name for i in body.input} if fed else set()), inner_where)
+    carried = {k for k in range(1, len(body.input)) if k < len(node.input) and node.input[k] in tainted}
+    while True:
+        inner = _tainted_walk(body, scope | {body.input[k].name for k in carried}, inner_where)
+        if body.output and body.output[0].name in inner:
+            raise ArtifactError(
+                "data-dependent-shape",
+                f"the condition of Loop {name!r}{where} follows the values of the input data (body output "
+                f"{body.output[0].name!r}): one example could make it loop without bound. Export a model "
+                "whose loops depend only on the input's shape.")
+        more = {j + 1 for j in range(1, len(body.output)) if j + 1 < len(body.input)
+                and body.output[j].name in inner} - carried
+        if not more:
+            return inner
+        carried |= more
+
+
+def _tainted_walk(graph, tainted: set[str], where: str = "") -> set[str]:
+    tainted = set(tainted)
+    for node in graph.node:
+        for position in SIZE_INPUTS.get(node.op_type, ()):
+            if position < len(node.input) and node.input[position] in tainted:
+                raise _data_dependent(node, position, where)
+        reached = any(i in tainted for i in node.input if i)
+        for body in _subgraphs(node):
+            inner = _tainted_body(node, body, tainted, where)
+            reached = reached or any(output.name in inner for output in body.output)
+        if node.op_type not in SHAPE_ONLY and reached:
+            tainted.update(o for o in node.output if o)
+    return tainted
+
+
 def refuse_data_dependent_sizes(graph) -> None:
     """Raise ArtifactError naming the first node whose output size would follow the input data's values.
     Values flow from the graph inputs through every operator except Shape and Size (a dynamic batch
-    size is fine: it comes from the input's shape, not from what it holds)."""
+    size is fine: it comes from the input's shape, not from what it holds), into and out of the bodies
+    of Loop, If and Scan (which read the outer scope's values by name)."""
     weights = {init.name for init in graph.initializer}
-    tainted = {i.name for i in graph.input if i.name not in weights}
-    for node in graph.node:
-        positions = SIZE_INPUTS.get(node.op_type, ())
-        for position in positions:
-            if position < len(node.input) and node.input[position] in tainted:
-                name = node.name or node.output[0]
-                raise ArtifactError(
-                    "data-dependent-shape",
-                    f"node {name!r} ({node.op_type}) takes a tensor size from the values of the input data "
-                    f"(its input {position}, {node.input[position]!r}): one example could make it allocate "
-                    "or loop without bound. Export a model whose sizes depend only on the input's shape.")
-        if node.op_type not in SHAPE_ONLY and any(i in tainted for i in node.input if i):
-            tainted.update(o for o in node.output if o)
+    _tainted_walk(graph, {i.name for i in graph.input if i.name not in weights})
 
 
 def load_onnx(path: Path, external: dict[str, Path] | None = None) -> LoadedModel:
@@ -742,6 +797,15 @@ class DatasetLimits:
     max_features: int = 10_000_000
     max_classes: int = 100_000
     max_uncompressed_bytes: int = 8 * 1024**3
+    # feature columns of a CSV or Parquet table: parsing costs the API time per column and per row
+    max_columns: int = 16_384
+
+
+def _too_many_columns(kind: str, count: int, limits: DatasetLimits) -> ArtifactError:
+    return ArtifactError("dataset-too-many-columns",
+                         f"the {kind} has {count} feature columns; at most {limits.max_columns} are accepted "
+                         "(PBRF_MAX_TABLE_COLUMNS). Store images and other wide examples as .npz: an `inputs` array "
+                         "of shape (examples, ...) and a `labels` array")
 
 
 def _finish_input(name: str, array: np.ndarray, n: int) -> np.ndarray:
@@ -759,9 +823,13 @@ def _finish_input(name: str, array: np.ndarray, n: int) -> np.ndarray:
             raise ArtifactError("dataset-dtype", f"{label} holds integers beyond the int64 range")
         return np.ascontiguousarray(array.astype(np.int64, copy=False))
     array = array.astype(np.float32, copy=False)
-    if not np.isfinite(array).all():
-        bad = int((~np.isfinite(array)).reshape(n, -1).any(1).argmax())
-        raise ArtifactError("dataset-non-finite", f"{label} contains NaN or infinite values (first at example {bad})")
+    # checked a block of examples at a time: a mask of the whole array would take a quarter of its size more
+    step = max(1, (16 * 1024**2) // max(1, math.prod(array.shape[1:])))
+    for start in range(0, n, step):
+        block = np.isfinite(array[start : start + step]).reshape(min(step, n - start), -1).all(1)
+        if not block.all():
+            bad = start + int((~block).argmax())
+            raise ArtifactError("dataset-non-finite", f"{label} contains NaN or infinite values (first at example {bad})")
     return np.ascontiguousarray(array)
 
 
@@ -885,6 +953,8 @@ def load_csv(path: Path, limits: DatasetLimits) -> LoadedDataset:
     except csv.Error as exc:
         raise ArtifactError("invalid-csv", f"the CSV header could not be parsed: {exc}") from exc
     header = [name.strip() for name in header or []]
+    if len(header) - ("label" in header) > limits.max_columns:  # checked before any row is parsed
+        raise _too_many_columns("CSV", len(header) - ("label" in header), limits)
     if "label" not in header:
         raise ArtifactError("csv-no-label", "the CSV needs a header row with a `label` column")
     if len(header) - 1 > limits.max_features or len(header) < 2:
@@ -926,9 +996,21 @@ def load_csv(path: Path, limits: DatasetLimits) -> LoadedDataset:
     return _finish_dataset({SINGLE_INPUT: np.concatenate(blocks_x)}, np.concatenate(blocks_y), "csv", limits)
 
 
+PARQUET_GROUP_BYTES = 64 * 1024**2  # columns are read in groups whose copies in flight take about this much
+
+
+def _arrow_width(kind) -> int:
+    """Bytes per value of a numeric (or boolean) Arrow column, rounded up to a byte."""
+    return max(1, kind.bit_width // 8)
+
+
 def load_parquet(path: Path, limits: DatasetLimits) -> LoadedDataset:
     """A `label` column of integers and numeric feature columns, read with pyarrow (no pickle, no
-    pandas metadata execution); the schema and row count are checked before any column is read."""
+    pandas metadata execution); the schema and row count are checked before any column is read.
+
+    The columns are read a group at a time into one array preallocated in its final dtype (int64, or
+    float32 when any column is a float), so the peak is that array plus one group's copies in flight,
+    and that peak is priced, from the metadata, before anything is read."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -945,11 +1027,8 @@ def load_parquet(path: Path, limits: DatasetLimits) -> LoadedDataset:
     if rows > limits.max_examples:
         raise ArtifactError("dataset-too-large", f"{rows} rows exceed the limit of {limits.max_examples}", status=413)
     features = [n for n in schema.names if n != "label"]
-    # Parquet compresses well: bound what reading it would allocate before reading it.
-    uncompressed = sum(meta.metadata.row_group(i).total_byte_size for i in range(meta.metadata.num_row_groups))
-    if max(uncompressed, rows * len(schema.names) * 8) > limits.max_uncompressed_bytes:
-        raise ArtifactError("dataset-too-large", f"the table would take more than {limits.max_uncompressed_bytes} bytes "
-                            "in memory", status=413)
+    if len(features) > limits.max_columns:
+        raise _too_many_columns("Parquet file", len(features), limits)
     if not features or len(features) > limits.max_features:
         raise ArtifactError("dataset-shape", "the Parquet file needs a `label` column and 1.."
                             f"{limits.max_features} numeric feature columns")
@@ -959,18 +1038,60 @@ def load_parquet(path: Path, limits: DatasetLimits) -> LoadedDataset:
             raise ArtifactError("dataset-dtype", f"column {name!r} has type {kind}; features must be numeric")
     if not pa.types.is_integer(schema.field("label").type):
         raise ArtifactError("labels-not-integers", f"`label` has type {schema.field('label').type}; it must be integers")
-    try:
-        table = meta.read()
-    except (pa.ArrowException, OSError) as exc:
-        raise ArtifactError("invalid-parquet", f"could not read the Parquet data: {exc}") from exc
-    if any(table.column(n).null_count for n in table.column_names):
-        raise ArtifactError("dataset-non-finite", "the Parquet file has missing values")
     # all-integer feature columns (token ids, counts) stay integers; any float column makes them floats
     integer = all(pa.types.is_integer(schema.field(n).type) or pa.types.is_boolean(schema.field(n).type)
                   for n in features)
-    inputs = np.column_stack([table.column(n).to_numpy().astype(np.int64 if integer else np.float64)
-                              for n in features])
-    labels = table.column("label").to_numpy()
+    dtype = np.dtype(np.int64 if integer else np.float32)  # what _finish_input keeps: no further copy
+
+    # Parquet compresses well: bound what reading it allocates before reading it. Reading a column holds its
+    # decoded pages (the column chunks' uncompressed size), its Arrow array and its NumPy copy.
+    if meta.metadata.num_columns != len(schema.names):
+        raise ArtifactError("dataset-shape", "the Parquet file must be a flat table of numeric columns")
+    chunks = [0] * meta.metadata.num_columns
+    for i in range(meta.metadata.num_row_groups):
+        group = meta.metadata.row_group(i)
+        for j in range(group.num_columns):
+            chunks[j] += group.column(j).total_uncompressed_size
+    in_flight = {name: chunks[j] + 2 * rows * _arrow_width(schema.field(name).type)
+                 for j, name in enumerate(schema.names)}
+    groups, current, size = [], [], 0
+    for name in features:
+        if current and size + in_flight[name] > PARQUET_GROUP_BYTES:
+            groups.append(current)
+            current, size = [], 0
+        current.append(name)
+        size += in_flight[name]
+    groups.append(current)
+    output = rows * len(features) * dtype.itemsize
+    labels_bytes = in_flight["label"] + rows * 8  # the label column, and its int64 copy
+    peak = output + labels_bytes + max(sum(in_flight[name] for name in group) for group in groups)
+    if peak > limits.max_uncompressed_bytes:
+        raise ArtifactError("dataset-too-large",
+                            f"reading the table would take about {peak} bytes in memory ({rows} rows x "
+                            f"{len(features)} feature columns as {dtype.name}: {output} bytes, plus the labels and the "
+                            f"columns being converted); the limit is {limits.max_uncompressed_bytes} bytes "
+                            "(PBRF_MAX_DATASET_BYTES)", status=413)
+
+    def read(names: list[str]):
+        try:
+            table = meta.read(columns=names, use_threads=False)
+        except (pa.ArrowException, OSError) as exc:
+            raise ArtifactError("invalid-parquet", f"could not read the Parquet data: {exc}") from exc
+        if table.num_rows != rows:
+            raise ArtifactError("invalid-parquet", f"the Parquet file declares {rows} rows but holds {table.num_rows}")
+        if any(table.column(n).null_count for n in names):
+            raise ArtifactError("dataset-non-finite", "the Parquet file has missing values")
+        return table
+
+    labels = read(["label"]).column("label").to_numpy()
+    inputs = np.empty((rows, len(features)), dtype)
+    column = 0
+    for group in groups:
+        table = read(group)
+        for name in group:
+            inputs[:, column] = table.column(name).to_numpy()
+            column += 1
+        del table
     return _finish_dataset({SINGLE_INPUT: inputs}, labels, "parquet", limits)
 
 
@@ -1091,10 +1212,12 @@ def _npy_rows(archive: zipfile.ZipFile, member: str, indices: list[int]) -> np.n
 
 
 def read_rows(path: Path, fmt: str, input_names: list[str], indices: list[int],
-              limits: DatasetLimits | None = None) -> tuple[dict[str, np.ndarray], np.ndarray]:
+              limits: DatasetLimits | None = None,
+              whole=contextlib.nullcontext) -> tuple[dict[str, np.ndarray], np.ndarray]:
     """Examples `indices` (ascending, distinct, in range) of an accepted dataset: ({input name: rows}, labels),
     in the dtypes the audits see. An .npz is read row by row without loading its arrays; CSV and Parquet
-    (whose rows have no fixed offsets) and Fortran-ordered arrays are loaded whole by load_dataset."""
+    (whose rows have no fixed offsets) and Fortran-ordered arrays are loaded whole by load_dataset, inside
+    the context `whole()` (the API's parsing slot)."""
     if fmt == "npz":
         with zipfile.ZipFile(path) as archive:
             members = set(archive.namelist())
@@ -1106,5 +1229,6 @@ def read_rows(path: Path, fmt: str, input_names: list[str], indices: list[int],
             labels = _npy_rows(archive, member("labels"), indices)
         if labels is not None and all(rows is not None for rows in arrays.values()):
             return arrays, labels
-    loaded = load_dataset(path, fmt, limits)
-    return {name: loaded.arrays[name][indices] for name in input_names}, loaded.labels[indices]
+    with whole():
+        loaded = load_dataset(path, fmt, limits)
+        return {name: loaded.arrays[name][indices] for name in input_names}, loaded.labels[indices]

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import uuid
 
-from sqlalchemy import select
-from sqlalchemy.orm import Session
+from sqlalchemy import inspect, select
+from sqlalchemy.orm import Session, defer
+from sqlalchemy.orm.attributes import set_committed_value
 
+from .schemas import LISTED_LABEL_COUNTS
 from .tables import DatasetArtifact, ModelArtifact
 
 
@@ -25,5 +27,17 @@ def list_models(session: Session, tenant_id: str, limit: int) -> list[ModelArtif
 
 
 def list_datasets(session: Session, tenant_id: str, limit: int) -> list[DatasetArtifact]:
-    return list(session.scalars(select(DatasetArtifact).where(DatasetArtifact.tenant_id == tenant_id)
+    """A page of datasets whose label_counts are loaded only where a list shows them (at most
+    LISTED_LABEL_COUNTS classes): 500 datasets of 100k classes would read 100 MB of JSON for a page that
+    drops it. The others' label_counts stay unloaded (touching one would load it)."""
+    rows = list(session.scalars(select(DatasetArtifact).where(DatasetArtifact.tenant_id == tenant_id)
+                                .options(defer(DatasetArtifact.label_counts))
                                 .order_by(DatasetArtifact.created_at.desc()).limit(limit)))
+    shown = {row.id: row for row in rows
+             if row.num_classes <= LISTED_LABEL_COUNTS and "label_counts" in inspect(row).unloaded}
+    if shown:
+        found = session.execute(select(DatasetArtifact.id, DatasetArtifact.label_counts)
+                                .where(DatasetArtifact.id.in_(list(shown))))
+        for dataset_id, counts in found:
+            set_committed_value(shown[dataset_id], "label_counts", counts)
+    return rows

@@ -79,11 +79,11 @@ LISTED_LABEL_COUNTS = 1000  # a listed dataset carries at most this many label c
 
 def listed_dataset(row) -> DatasetOut:
     """A dataset as one item of a list: without label counts when there are more than 1000 of them
-    (100k classes x 500 items made one page 100 MB)."""
-    item = DatasetOut.model_validate(row)
-    if item.num_classes > LISTED_LABEL_COUNTS:
-        item.label_counts = None
-    return item
+    (100k classes x 500 items made one page 100 MB). Their label_counts are not read at all (see
+    repository.list_datasets, which leaves them unloaded)."""
+    values = {name: getattr(row, name) for name in DatasetOut.model_fields if name != "label_counts"}
+    values["label_counts"] = row.label_counts if row.num_classes <= LISTED_LABEL_COUNTS else None
+    return DatasetOut.model_validate(values)
 
 
 

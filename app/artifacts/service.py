@@ -6,7 +6,8 @@ Nothing is written to the store or the database unless validation passed; the ca
 from __future__ import annotations
 
 import math
-from contextlib import ExitStack
+import threading
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import BinaryIO
 
@@ -24,7 +25,8 @@ from .tables import DatasetArtifact, ModelArtifact
 
 def dataset_limits(settings: Settings) -> loaders.DatasetLimits:
     return loaders.DatasetLimits(max_examples=settings.max_examples, max_features=settings.max_features,
-                                 max_classes=settings.max_classes, max_uncompressed_bytes=settings.max_dataset_bytes)
+                                 max_classes=settings.max_classes, max_uncompressed_bytes=settings.max_dataset_bytes,
+                                 max_columns=settings.max_table_columns)
 
 
 def _unprintable(character: str) -> bool:
@@ -128,10 +130,37 @@ def external_paths(store: ArtifactStore, model: ModelArtifact) -> dict[str, Path
     return {part["name"]: store.path_for(part["sha256"]) for part in (model.external_data or [])}
 
 
-def load_uploaded_dataset(path: Path, fmt: str, settings: Settings) -> loaders.LoadedDataset:
-    """Parse a staged dataset upload; whatever a hostile file provokes in the parsers is an ArtifactError."""
+DATASET_PARSE_WAIT_SECONDS = 10.0  # how long a request waits for a parsing slot before its 503
+_parse_slots: dict[int, threading.BoundedSemaphore] = {}
+_parse_slots_lock = threading.Lock()
+
+
+@contextmanager
+def dataset_parse_slot(settings: Settings, wait_seconds: float | None = None):
+    """One of the process's max_concurrent_dataset_parses slots, for as long as a dataset is parsed: each
+    parse may hold up to max_dataset_bytes, so the API's memory for parsing stays within their product
+    however many uploads arrive together. None free within `wait_seconds`: 503 `dataset-parser-busy`."""
+    concurrency = settings.max_concurrent_dataset_parses
+    wait_seconds = DATASET_PARSE_WAIT_SECONDS if wait_seconds is None else wait_seconds
+    with _parse_slots_lock:
+        slot = _parse_slots.setdefault(concurrency, threading.BoundedSemaphore(concurrency))
+    if not slot.acquire(timeout=wait_seconds):
+        raise loaders.ArtifactError("dataset-parser-busy",
+                                    f"{concurrency} datasets are already being parsed by this server "
+                                    "(PBRF_MAX_CONCURRENT_DATASET_PARSES); retry shortly", status=503)
     try:
-        return loaders.load_dataset(path, fmt, dataset_limits(settings))
+        yield
+    finally:
+        slot.release()
+
+
+def load_uploaded_dataset(path: Path, fmt: str, settings: Settings,
+                          wait_seconds: float | None = None) -> loaders.LoadedDataset:
+    """Parse a staged dataset upload, in one of the process's parsing slots; whatever a hostile file
+    provokes in the parsers is an ArtifactError."""
+    try:
+        with dataset_parse_slot(settings, wait_seconds):
+            return loaders.load_dataset(path, fmt, dataset_limits(settings))
     except (loaders.ArtifactError, UploadTooLarge):
         raise
     except MemoryError as exc:
@@ -207,7 +236,8 @@ def dataset_examples(store: ArtifactStore, settings: Settings, dataset: DatasetA
     ordered = sorted(indices)
     try:
         arrays, labels = loaders.read_rows(store.path_for(dataset.sha256), dataset.format,
-                                           [spec["name"] for spec in specs], ordered, dataset_limits(settings))
+                                           [spec["name"] for spec in specs], ordered, dataset_limits(settings),
+                                           whole=lambda: dataset_parse_slot(settings))  # CSV, Parquet: whole
     except loaders.ArtifactError as exc:
         raise _problem(exc) from exc
     rows = {index: ({name: array[k] for name, array in arrays.items()}, int(labels[k]))

@@ -15,7 +15,8 @@ import numpy as np
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from app.artifacts.service import load_uploaded_dataset
+from app.artifacts.loaders import ArtifactError
+from app.artifacts.service import _problem, load_uploaded_dataset
 from app.artifacts.tables import DatasetArtifact, ModelArtifact
 from app.core.config import Settings
 from app.core.errors import ProblemError
@@ -111,7 +112,10 @@ def dataset_labels(session: Session, store: ArtifactStore, settings: Settings, d
                    corrected: bool) -> DatasetLabels:
     """The dataset's labels as the audits read them (the same loader), and with `corrected` the tenant's
     accepted corrections applied: every `mislabeled` verdict on this content, each with its label."""
-    original = load_uploaded_dataset(store.path_for(dataset.sha256), dataset.format, settings).labels
+    try:
+        original = load_uploaded_dataset(store.path_for(dataset.sha256), dataset.format, settings).labels
+    except ArtifactError as exc:  # no parsing slot free (503 + Retry-After), or the limits were lowered since
+        raise _problem(exc) from exc
     labels, changes = original.copy(), []
     if corrected:
         accepted = session.scalars(select(FlagVerdict).where(

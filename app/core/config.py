@@ -32,6 +32,9 @@ class Settings(BaseSettings):
     max_examples: int = 5_000_000
     max_features: int = 10_000_000  # elements per example
     max_classes: int = 100_000
+    max_table_columns: int = Field(16_384, ge=1, description=(
+        "Feature columns a CSV or Parquet dataset may have (checked from the header or schema before any row is "
+        "parsed: the API's parse time grows with every column); wider examples (images) belong in .npz."))
     max_exact_parameters: int = 12_000
     worker_memory_bytes: int = Field(8 * 1024**3, ge=256 * 1024**2, description=(
         "Memory one audit may make a worker allocate; an audit whose parameters (lanczos_rank, batch_size, "
@@ -46,6 +49,10 @@ class Settings(BaseSettings):
         "of what its imports take: a graph or architecture that would allocate more is refused, not run."))
     max_concurrent_validations: int = Field(2, ge=1, description=(
         "Model validations one API process runs at once; another upload waits up to 10 s, then gets 503."))
+    max_concurrent_dataset_parses: int = Field(2, ge=1, description=(
+        "Datasets one API process parses at once (uploads, attribution queries, label downloads, example reads of "
+        "CSV/Parquet): each may take up to max_dataset_bytes while parsed, so the API's memory for them stays "
+        "within this many times that; another request waits up to 10 s, then gets 503 `dataset-parser-busy`."))
     tenant_storage_bytes: int = Field(100 * 1024**3, ge=0, description=(
         "What one tenant may keep stored: uploads plus an estimate of its audits' results (scores file and "
         "flag rows). Above it uploads get 413 and audits 422 `storage-quota-exceeded`; 0: no quota."))
