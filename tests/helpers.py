@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import time
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -122,3 +123,44 @@ def model_and_dataset_rows(session, tenant: str = "t"):
     session.add_all([model, dataset])
     session.flush()
     return model, dataset
+
+
+@contextmanager
+def in_process_app(data_dir, api_keys: str, prepare=None):
+    """The app in process on a migrated SQLite database under `data_dir`, with static keys `api_keys`
+    ("tenant:secret,..."); yields (app, what `prepare(session)` returned, if given). The environment is
+    set only while the settings are read and cached: services this session starts later
+    (tests/conftest.py) get it as it was. No lifespan: the validator server is not started."""
+    import pytest
+
+    from app.cli import migrate
+    from app.core import config, db
+    from app.main import create_app
+
+    def clear():
+        config.get_settings.cache_clear()
+        db.get_engine.cache_clear()
+        db.get_sessionmaker.cache_clear()
+
+    mp = pytest.MonkeyPatch()
+    mp.setenv("PBRF_DATA_DIR", str(data_dir))
+    mp.setenv("PBRF_API_KEYS", api_keys)
+    for name in ("PBRF_DATABASE_URL", "PBRF_BROKER_URL", "PBRF_STORAGE_DIR"):
+        mp.delenv(name, raising=False)
+    clear()
+    try:
+        config.get_settings()
+        migrate()
+        prepared = None
+        if prepare is not None:
+            with db.get_sessionmaker()() as session:
+                prepared = prepare(session)
+                session.commit()
+        application = create_app()
+    finally:
+        mp.undo()
+    try:
+        yield application, prepared
+    finally:
+        db.get_engine().dispose()
+        clear()

@@ -20,7 +20,7 @@ from fastapi.testclient import TestClient
 from app.client import (AuditClient, Backoff, Conflict, Flag, NotFound, ProblemError, RateLimited, ServerError,
                         ServiceUnavailable, Unauthorized, ValidationFailed, WaitTimeout, parse_retry_after)
 from app.client.problems import problem_class
-from tests.helpers import npz_bytes
+from tests.helpers import in_process_app, npz_bytes
 
 KEY = "acme-client-secret-0123456789"
 LABELS = np.array([0, 1, 2] * 10, dtype=np.int64)  # 30 examples, 3 classes
@@ -69,32 +69,10 @@ def test_exception_classes_by_status():
 @pytest.fixture(scope="module")
 def api(tmp_path_factory):
     """An AuditClient on the app in process (tenant acme's key) on a migrated SQLite database."""
-    mp = pytest.MonkeyPatch()
-    mp.setenv("PBRF_DATA_DIR", str(tmp_path_factory.mktemp("client")))
-    mp.setenv("PBRF_API_KEYS", f"acme:{KEY}")
-    for name in ("PBRF_DATABASE_URL", "PBRF_BROKER_URL", "PBRF_STORAGE_DIR"):
-        mp.delenv(name, raising=False)
-    from app.cli import migrate
-    from app.core import config, db
-    from app.main import create_app
-
-    def clear():
-        config.get_settings.cache_clear()
-        db.get_engine.cache_clear()
-        db.get_sessionmaker.cache_clear()
-
-    clear()
-    try:
-        config.get_settings()
-        migrate()
-        application = create_app()  # no lifespan: no model uploads here
-    finally:
-        mp.undo()
-    http = TestClient(application)  # no `with`: the lifespan (validator server) is not needed
-    with AuditClient(str(http.base_url), KEY, http=http) as client:
-        yield client
-    db.get_engine().dispose()
-    clear()
+    with in_process_app(tmp_path_factory.mktemp("client"), f"acme:{KEY}") as (application, _):
+        http = TestClient(application)  # no `with`: the lifespan (validator server) is not needed
+        with AuditClient(str(http.base_url), KEY, http=http) as client:
+            yield client
 
 
 def _audit_rows(dataset_id: str, status: str = "succeeded", flags: int = 7) -> str:

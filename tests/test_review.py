@@ -18,7 +18,7 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 
-from tests.helpers import (assert_problem, export_onnx, npz_bytes, quick_mlp, synthetic_classification,
+from tests.helpers import (assert_problem, export_onnx, in_process_app, npz_bytes, quick_mlp, synthetic_classification,
                            upload_dataset, upload_model, wait_for_audit)
 
 ACME, GLOBEX = "acme-review-secret-0123456789", "globex-review-secret-0123456789"
@@ -30,35 +30,12 @@ DATASET = npz_bytes(inputs=np.arange(40, dtype=np.float32).reshape(20, 2), label
 def app(tmp_path_factory):
     """The app in process on a migrated SQLite database; tenants acme and globex (static keys) and a key of
     acme's made with the CLI's function, named "ann"."""
-    mp = pytest.MonkeyPatch()
-    mp.setenv("PBRF_DATA_DIR", str(tmp_path_factory.mktemp("review")))
-    mp.setenv("PBRF_API_KEYS", f"acme:{ACME},globex:{GLOBEX}")
-    for name in ("PBRF_DATABASE_URL", "PBRF_BROKER_URL", "PBRF_STORAGE_DIR"):
-        mp.delenv(name, raising=False)
     from app.auth import service as auth
-    from app.cli import migrate
-    from app.core import config, db
-    from app.main import create_app
 
-    def clear():
-        config.get_settings.cache_clear()
-        db.get_engine.cache_clear()
-        db.get_sessionmaker.cache_clear()
-
-    clear()
-    try:
-        config.get_settings()  # read once and cached: the app keeps these settings ...
-        migrate()
-        with db.get_sessionmaker()() as session:
-            _, ann = auth.create_key(session, "acme", "ann")
-            session.commit()
-        application = create_app()  # no `with`: the lifespan (validator server) is not needed without model uploads
-    finally:
-        mp.undo()  # ... while services this session starts later (tests/conftest.py) get the environment as it was
-    yield {name: TestClient(application, headers={"Authorization": f"Bearer {secret}"})
-           for name, secret in (("acme", ACME), ("ann", ann), ("globex", GLOBEX))}
-    db.get_engine().dispose()
-    clear()
+    with in_process_app(tmp_path_factory.mktemp("review"), f"acme:{ACME},globex:{GLOBEX}",
+                        prepare=lambda session: auth.create_key(session, "acme", "ann")[1]) as (application, ann):
+        yield {name: TestClient(application, headers={"Authorization": f"Bearer {secret}"})
+               for name, secret in (("acme", ACME), ("ann", ann), ("globex", GLOBEX))}
 
 
 def _finished_audit(tenant: str, dataset_id: str, flags: list[dict], status: str = "succeeded") -> str:

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
-from tests.helpers import assert_problem, npz_bytes
+from tests.helpers import assert_problem, in_process_app, npz_bytes
 
 ACME, GLOBEX = "acme-ui-secret-0123456789", "globex-ui-secret-0123456789"
 UI_DIR = Path(__file__).resolve().parent.parent / "app" / "ui" / "static"
@@ -25,31 +25,9 @@ LABELS = (np.arange(30) % 4).astype(np.int64)
 
 @pytest.fixture(scope="module")
 def app(tmp_path_factory):
-    mp = pytest.MonkeyPatch()
-    mp.setenv("PBRF_DATA_DIR", str(tmp_path_factory.mktemp("ui")))
-    mp.setenv("PBRF_API_KEYS", f"acme:{ACME},globex:{GLOBEX}")
-    for name in ("PBRF_DATABASE_URL", "PBRF_BROKER_URL", "PBRF_STORAGE_DIR"):
-        mp.delenv(name, raising=False)
-    from app.cli import migrate
-    from app.core import config, db
-    from app.main import create_app
-
-    def clear():
-        config.get_settings.cache_clear()
-        db.get_engine.cache_clear()
-        db.get_sessionmaker.cache_clear()
-
-    clear()
-    try:
-        config.get_settings()
-        migrate()
-        application = create_app()
-    finally:
-        mp.undo()
-    yield {name: TestClient(application, headers={"Authorization": f"Bearer {secret}"})
-           for name, secret in (("acme", ACME), ("globex", GLOBEX))} | {"anonymous": TestClient(application)}
-    db.get_engine().dispose()
-    clear()
+    with in_process_app(tmp_path_factory.mktemp("ui"), f"acme:{ACME},globex:{GLOBEX}") as (application, _):
+        yield {name: TestClient(application, headers={"Authorization": f"Bearer {secret}"})
+               for name, secret in (("acme", ACME), ("globex", GLOBEX))} | {"anonymous": TestClient(application)}
 
 
 def _upload(client, content: bytes, filename: str = "data.npz") -> dict:
