@@ -47,7 +47,7 @@ test: $(VENV)/.installed-test services browser
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 ## The fast in-process layer: engine units, loaders, the app under a test client on SQLite (schemathesis
-## included); starts no service process and needs no PostgreSQL or Redis. About 70 s on 2 cores.
+## included); starts no service process and needs no PostgreSQL or Redis. About 85 s on 2 cores.
 ## One torch thread: these small models gain nothing from two, and on a busy machine two threads
 ## that wait on each other made the same tests several times slower.
 FAST_TESTS := tests/test_engine_exact.py tests/test_engine_loo.py tests/test_engine_scalable.py \
