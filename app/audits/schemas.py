@@ -4,7 +4,7 @@ import uuid
 from datetime import datetime
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator, model_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, StrictInt, field_validator, model_validator
 
 from app.core.timeutil import as_utc
 
@@ -139,7 +139,9 @@ class VerdictIn(BaseModel):
 class VerdictOut(BaseModel):
     model_config = ConfigDict(from_attributes=True)
 
-    index: int = Field(validation_alias="example_index", description="Position of the example in the dataset")
+    # the stored row's attribute, or the JSON the API sends (so that the Python client reads it with this class)
+    index: int = Field(validation_alias=AliasChoices("example_index", "index"),
+                       description="Position of the example in the dataset")
     verdict: Verdict
     corrected_label: int | None = Field(description="Set exactly when the verdict is `mislabeled`")
     verdict_by: str | None = Field(description="Name of the API key that gave the verdict (null in open mode)")

@@ -4,11 +4,9 @@ server but pydantic), plus the few shapes that exist only on the client side."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from datetime import datetime
 from pathlib import Path
 from typing import Generic, Literal, TypeVar
 
-from pydantic import BaseModel, Field, field_validator
 
 from app.artifacts.schemas import DatasetOut as Dataset
 from app.artifacts.schemas import ExternalDataOut as ExternalData
@@ -20,28 +18,13 @@ from app.audits.schemas import FlagOut as Flag
 from app.audits.schemas import LabelChange, LabelChanges
 from app.audits.schemas import MethodsOut as Methods
 from app.audits.schemas import ScoreOut as Score
-from app.core.timeutil import as_utc
+from app.audits.schemas import Verdict as VerdictName
+from app.audits.schemas import VerdictOut as Verdict
 
-VerdictName = Literal["mislabeled", "correct", "unsure"]
 T = TypeVar("T")
 
 __all__ = ["Audit", "Dataset", "ExternalData", "Flag", "LabelChange", "LabelChanges", "LabelsExport", "Methods",
            "Model", "ModelInput", "Page", "Score", "TERMINAL", "Verdict", "VerdictName"]
-
-
-class Verdict(BaseModel):
-    """The answer of PUT /v1/audits/{id}/flags/{index}/verdict."""
-
-    index: int = Field(description="Position of the example in the dataset")
-    verdict: VerdictName
-    corrected_label: int | None
-    verdict_by: str | None = Field(description="Name of the API key that gave the verdict (null in open mode)")
-    verdict_at: datetime
-
-    @field_validator("verdict_at", mode="after")
-    @classmethod
-    def _utc(cls, value):
-        return as_utc(value)
 
 
 @dataclass
