@@ -48,7 +48,8 @@ def run_audit(backend: str, workers: int, threads: int, model_path: Path, data: 
                 m = client.post("/v1/models", files={"file": ("m.onnx", f)}).json()
             d = client.post("/v1/datasets", files={"file": ("d.npz", data)}).json()
             audit = client.post("/v1/audits", json=body | {"model_id": m["id"], "dataset_id": d["id"]}).json()
-            final, _ = wait_for_audit(client, audit["id"], timeout=3600)
+            # polled once a second: a tighter poll loop would take CPU from the workers being measured
+            final, _ = wait_for_audit(client, audit["id"], timeout=3600, interval=1.0)
             if final["status"] != "succeeded":
                 raise RuntimeError(f"audit {final['status']}: {final['error']}")
             scores = np.array([r["score"] for r in all_pages(client, f"/v1/audits/{audit['id']}/scores", limit=10_000)])

@@ -9,7 +9,9 @@ from sklearn.metrics import average_precision_score
 from torch import nn
 
 from app.artifacts.loaders import load_onnx
-from app.influence import AuditConfig, run_audit
+from app.influence import AuditConfig, FittedCurvature, run_audit
+from app.influence import shards
+from app.influence.audit import set_up_fold_audit
 from app.influence.unlearning import fold_assignment, output_layer
 from tests.digits import noisy_digits, train_mlp
 from tests.helpers import export_onnx
@@ -81,6 +83,36 @@ def test_progress_of_a_fold_audit_only_grows(memorised_flips):
     run_audit(model, x[:300], y[:300], AuditConfig(method="folds", fold_epochs=2),
               progress=lambda stage, fraction: seen.append(fraction))
     assert seen == sorted(seen) and seen[-1] <= 1.0 and seen[-1] > 0.95
+
+
+def test_folds_run_alone_in_any_order_give_one_workers_result(memorised_flips):
+    """A sharded `folds` audit runs each fold as its own task on whichever worker takes it, in any
+    order, its result travelling as a safetensors file; joined, they must equal the one-process loop
+    exactly (same code, same threads). Dropout makes it depend on the global RNG: each fold seeds its
+    own, so what ran before a fold in the process cannot change it."""
+    _, x, y, _, _ = memorised_flips
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 48), nn.ReLU(), nn.Dropout(0.2), nn.Linear(48, 10)).eval()
+    x, y = x[:500], y[:500]
+    config = AuditConfig(method="folds", seed=5, fold_epochs=3)
+    one = run_audit(model, x, y, config)
+    plan = shards.FoldPlan(num_examples=500, folds=5)
+    assert shards.plan_from_dict(plan.to_dict()) == plan and plan.stages == ("folds",)
+    outcomes = []
+    for fold in (3, 0, 4, 1, 2):
+        torch.manual_seed(1000 + fold)  # whatever the process drew before
+        tensors, metadata = shards.fold_shard(set_up_fold_audit(model, x, y, config), plan, fold, x, y)
+        stored = FittedCurvature.from_bytes(FittedCurvature(tensors, metadata).to_bytes())
+        outcomes.append(shards.fold_outcome(stored.tensors, stored.metadata))
+    sharded = shards.conclude_folds_sharded(config, set_up_fold_audit(model, x, y, config), plan, x, y, outcomes,
+                                            {}, 0.0)
+    torch.testing.assert_close(sharded.scores, one.scores, rtol=0, atol=0)
+    assert torch.equal(sharded.flagged, one.flagged)
+    assert torch.equal(sharded.extras["suggested_label"], one.extras["suggested_label"])
+    assert sharded.summary["out_of_sample"]["per_fold"] == one.summary["out_of_sample"]["per_fold"]
+    assert sharded.summary["shards"]["num_shards"] == 5 and sharded.summary["shards"]["kind"] == "folds"
+    with pytest.raises(Exception, match="fold results"):
+        shards.conclude_folds_sharded(config, set_up_fold_audit(model, x, y, config), plan, x, y, outcomes[:4], {}, 0.0)
 
 
 def test_fold_assignment_is_stratified():

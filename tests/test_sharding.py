@@ -18,6 +18,8 @@ import pytest
 import sqlalchemy
 import torch
 
+from app.artifacts.loaders import load_onnx
+from app.influence import AuditConfig, run_audit
 from tests.conftest import Service, _service_env, fresh_postgres_database
 from tests.helpers import (all_pages, export_onnx, npz_bytes, quick_mlp, synthetic_classification, upload_dataset,
                            upload_model, wait_for_audit)
@@ -27,7 +29,9 @@ from tests.helpers import (all_pages, export_onnx, npz_bytes, quick_mlp, synthet
 def two_workers(request, tmp_path_factory):
     with contextlib.ExitStack() as stack:
         pg = stack.enter_context(fresh_postgres_database()) if request.param == "postgres_redis" else None
-        svc = Service(_service_env(request.param, pg) | {"PBRF_WORKER_CONCURRENCY": "2"},
+        # one torch thread per worker process on any machine, so that the in-process reference of the
+        # folds test runs the same float32 arithmetic as the workers
+        svc = Service(_service_env(request.param, pg) | {"PBRF_WORKER_CONCURRENCY": "2", "PBRF_WORKER_THREADS": "1"},
                       tmp_path_factory.mktemp(f"shards-{request.param}"))
         svc.kind = request.param
         svc.start()
@@ -77,6 +81,42 @@ def test_sharded_audit_over_two_workers_equals_one_workers(two_workers, tmp_path
     with engine.connect() as connection:
         assert connection.execute(sqlalchemy.text("SELECT count(*) FROM audit_shard")).scalar() == 0
     engine.dispose()
+
+
+def test_folds_run_as_a_task_per_fold_on_both_workers(two_workers, tmp_path):
+    """Method `folds` shards by fold whatever the dataset's size: the audit's own process and the idle
+    worker each unlearn some folds, and the joined out-of-fold scores equal the engine's one-process
+    loop run here on the same exported model (each fold is seeded by its index alone)."""
+    inputs, labels = synthetic_classification(n=4000, features=32, classes=5, seed=13)
+    labels[:200] = (labels[:200] + 1) % 5  # some wrong labels for the folds to find
+    model = quick_mlp(inputs, labels, hidden=128, epochs=40)
+    path = export_onnx(model, torch.from_numpy(inputs[:2]), tmp_path / "m.onnx")
+    with two_workers.client() as client:
+        m = upload_model(client, path).json()
+        d = upload_dataset(client, npz_bytes(inputs=inputs, labels=labels)).json()
+        body = {"model_id": m["id"], "dataset_id": d["id"], "method": "folds", "seed": 3, "fold_epochs": 6}
+        audit = client.post("/v1/audits", json=body).json()
+        final, seen = wait_for_audit(client, audit["id"], timeout=300)
+        assert final["status"] == "succeeded", (final["error"], two_workers.logs()[-4000:])
+        shards = final["summary"]["shards"]
+        assert shards["kind"] == "folds" and shards["num_shards"] == 5 and shards["shard_runs"] == 5, shards
+        if two_workers.kind == "postgres_redis":  # Redis hands the announced folds out at once
+            assert len(shards["shards_per_process"]) >= 2, shards
+        assert any("of 5 done" in (stage or "") for _, stage, _ in seen)  # progress counts folds
+        scores = _scores(client, audit["id"])
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        loaded = load_onnx(path)
+        reference = run_audit(loaded.module, torch.from_numpy(inputs), torch.from_numpy(labels),
+                              AuditConfig(method="folds", seed=3, fold_epochs=6))
+    finally:
+        torch.set_num_threads(threads)
+    # the same float32 arithmetic in both; the scores are float64 probabilities of float32 logits
+    np.testing.assert_allclose(scores, reference.scores.numpy(), rtol=0, atol=1e-6)
+    per_fold = final["summary"]["out_of_sample"]["per_fold"]
+    assert per_fold == reference.summary["out_of_sample"]["per_fold"]
 
 
 def _database(service):

@@ -37,7 +37,7 @@ from app.core.storage import ArtifactStore
 from app.core.timeutil import as_utc, utcnow
 from app.influence import AuditConfig, AuditResult, EngineError, FittedCurvature, run_audit
 from app.influence import shards as sharding
-from app.influence.audit import set_up_audit
+from app.influence.audit import set_up_audit, set_up_fold_audit
 from app.influence.attribution import run_attribution
 
 log = logging.getLogger("pbrf_audit.worker")
@@ -499,10 +499,12 @@ def _audit_attempt(audit_id: uuid.UUID, token: str, settings: Settings, factory:
             inputs_t, labels_t = torch.from_numpy(inputs), torch.from_numpy(dataset.labels)
             shard_size = params.get("shard_size", settings.shard_size)
             not_sharded = None
-            if len(labels_t) > shard_size:
-                not_sharded = sharding.UNSHARDED_METHODS.get(config.method) or sharding.why_not_sharded(
-                    config, set_up_audit(model, inputs_t, labels_t, config))
-            if len(labels_t) > shard_size and not_sharded is None:
+            if config.method != "folds" and len(labels_t) > shard_size:
+                not_sharded = sharding.why_not_sharded(config, set_up_audit(model, inputs_t, labels_t, config))
+            if config.method == "folds":  # a task per fold, whatever the size: any idle worker takes some
+                result = _run_fold_tasks(audit_id, tenant, settings, factory, store, progress, model, config,
+                                         inputs_t, labels_t)
+            elif len(labels_t) > shard_size and not_sharded is None:
                 result = _run_sharded(audit_id, tenant, settings, factory, store, progress, model, config, inputs_t,
                                       labels_t, shard_size, stored)
             else:
@@ -590,24 +592,29 @@ HELPER_IDLE_SECONDS = 20.0
 SHARD_POLL_SECONDS = 0.05
 
 
-def _shard_bytes(tensors: dict[str, torch.Tensor]) -> bytes:
-    return FittedCurvature(tensors, {}).to_bytes()  # the same safetensors file as a stored curvature
+def _shard_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> bytes:
+    return FittedCurvature(tensors, metadata or {}).to_bytes()  # the same safetensors file as a stored curvature
 
 
-def _shard_tensors(store: ArtifactStore, sha: str) -> dict[str, torch.Tensor]:
-    return FittedCurvature.from_bytes(store.path_for(sha).read_bytes()).tensors
+def _shard_file(store: ArtifactStore, sha: str) -> FittedCurvature:
+    return FittedCurvature.from_bytes(store.path_for(sha).read_bytes())
 
 
-def _compute_shard(store: ArtifactStore, model, config: AuditConfig, plan: sharding.ShardPlan, step: str, index: int,
-                   inputs: torch.Tensor, labels: torch.Tensor, state: FittedCurvature | None) -> tuple[str, float]:
+def _compute_shard(store: ArtifactStore, model, config: AuditConfig, plan, step: str, index: int,
+                   inputs: torch.Tensor, labels: torch.Tensor, state: FittedCurvature | None,
+                   progress=None) -> tuple[str, float]:
     """Run one shard of one step; its result goes to the store. Returns (sha256, seconds)."""
     started = time.perf_counter()
-    setup = set_up_audit(model, inputs, labels, config)
-    if step == sharding.SCORES:
-        out = sharding.score_shard(setup, plan, index, inputs, labels, state, config.loss)
+    metadata = None
+    if step == sharding.FOLDS:
+        out, metadata = sharding.fold_shard(set_up_fold_audit(model, inputs, labels, config), plan, index, inputs,
+                                            labels, progress)
+    elif step == sharding.SCORES:
+        out = sharding.score_shard(set_up_audit(model, inputs, labels, config), plan, index, inputs, labels, state,
+                                   config.loss)
     else:
-        out = sharding.fit_shard(setup, plan, step, index, inputs, labels, state)
-    return store.put_bytes(_shard_bytes(out)), time.perf_counter() - started
+        out = sharding.fit_shard(set_up_audit(model, inputs, labels, config), plan, step, index, inputs, labels, state)
+    return store.put_bytes(_shard_bytes(out, metadata)), time.perf_counter() - started
 
 
 def _run_claimed_shard(factory: sessionmaker, settings: Settings, shard_id: uuid.UUID, token: str, compute) -> None:
@@ -722,7 +729,7 @@ def _run_sharded(audit_id: uuid.UUID, tenant: str, settings: Settings, factory: 
             return _compute_shard(store, model, config, plan, step, index, inputs, labels, state)
 
         digests = _drain_step(factory, settings, audit_id, step, run_shard, report)
-        results = (_shard_tensors(store, sha) for sha in digests)  # read one at a time
+        results = (_shard_file(store, sha).tensors for sha in digests)  # read one at a time
         if step == sharding.SCORES:
             parts = list(results)
         else:
@@ -730,14 +737,54 @@ def _run_sharded(audit_id: uuid.UUID, tenant: str, settings: Settings, factory: 
                                           state)
             state_sha = store.put_bytes(state.to_bytes())
         timings[step] = time.perf_counter() - t0
+    result = sharding.conclude_sharded(config, set_up_audit(model, inputs, labels, config), plan, inputs, labels,
+                                       parts, state, timings, started, stored is not None)
+    _record_shard_runs(factory, audit_id, result)
+    return result
+
+
+def _record_shard_runs(factory: sessionmaker, audit_id: uuid.UUID, result: AuditResult) -> None:
+    """Which processes ran the audit's shards, and how many runs that took (above the shard count when
+    some shard was run again after its process died)."""
     with factory() as session:
         workers = dict(session.execute(select(AuditShard.worker, func.count()).where(AuditShard.audit_id == audit_id)
                                        .group_by(AuditShard.worker)).all())
         runs = session.scalar(select(func.sum(AuditShard.attempts)).where(AuditShard.audit_id == audit_id))
-    result = sharding.conclude_sharded(config, set_up_audit(model, inputs, labels, config), plan, inputs, labels,
-                                       parts, state, timings, started, stored is not None)
     result.summary["shards"]["shards_per_process"] = {str(k): int(v) for k, v in workers.items()}
-    result.summary["shards"]["shard_runs"] = int(runs or 0)  # above steps x shards: some were run again
+    result.summary["shards"]["shard_runs"] = int(runs or 0)
+
+
+def _run_fold_tasks(audit_id: uuid.UUID, tenant: str, settings: Settings, factory: sessionmaker, store: ArtifactStore,
+                    progress, model, config: AuditConfig, inputs: torch.Tensor, labels: torch.Tensor) -> AuditResult:
+    """Method `folds`: one shard row per fold, announced so that idle workers each unlearn a fold while
+    this attempt runs the rest (a fold that already succeeded in an earlier attempt is kept), then the
+    out-of-fold probabilities are joined and flagged here. Each fold is seeded by its index alone, so
+    the audit gives the same scores on one worker or on several."""
+    started = time.perf_counter()
+    setup = set_up_fold_audit(model, inputs, labels, config)
+    plan = sharding.FoldPlan(num_examples=len(labels), folds=config.folds)
+    if _shard_rows(factory, audit_id, tenant, plan, sharding.FOLDS, None):
+        _announce_shards(factory, audit_id, sharding.FOLDS)
+    finished = [0]
+
+    def report(done: int, count: int) -> None:
+        finished[0] = done
+        progress(f"folds: {done} of {count} done", 0.02 + 0.95 * done / count)
+
+    def run_fold(index: int) -> tuple[str, float]:
+        # the folds this process runs itself move the progress within the fold too
+        def within(fraction: float) -> None:
+            progress(f"folds: {finished[0]} of {plan.folds} done, fold {index + 1} training",
+                     0.02 + 0.95 * (finished[0] + fraction) / plan.folds)
+        return _compute_shard(store, model, config, plan, sharding.FOLDS, index, inputs, labels, None, within)
+
+    t0 = time.perf_counter()
+    digests = _drain_step(factory, settings, audit_id, sharding.FOLDS, run_fold, report)
+    seconds = time.perf_counter() - t0
+    outcomes = [sharding.fold_outcome(file.tensors, file.metadata)
+                for file in (_shard_file(store, sha) for sha in digests)]
+    result = sharding.conclude_folds_sharded(config, setup, plan, inputs, labels, outcomes, {"folds": seconds}, started)
+    _record_shard_runs(factory, audit_id, result)
     return result
 
 
@@ -832,7 +879,7 @@ def _help_audit(audit_id: uuid.UUID, settings: Settings, factory: sessionmaker) 
                 state_sha = shard.input_sha256
                 state = FittedCurvature.from_bytes(store.path_for(state_sha).read_bytes()) if state_sha else None
             _run_claimed_shard(factory, settings, shard.id, token, lambda: _compute_shard(
-                store, loaded.module, config, sharding.ShardPlan.from_dict(shard.plan), shard.step, shard.shard_index,
+                store, loaded.module, config, sharding.plan_from_dict(shard.plan), shard.step, shard.shard_index,
                 inputs_t, labels_t, state))
         except JobLost:
             continue  # the audit ended or re-claimed the shard: the loop's next check decides

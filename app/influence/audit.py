@@ -334,43 +334,72 @@ def _flags(config: AuditConfig, scores: torch.Tensor, num_label_issues: int | No
     return order, max(0, min(n, num_flags)), flag_rule
 
 
-def run_fold_audit(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, config: AuditConfig,
-                   report: ProgressCallback, started: float) -> AuditResult:
-    """Method `folds`: out-of-fold probabilities by fold unlearning (unlearning.py), then confident
-    learning and suggested labels as for `loo`. No curvature is fitted, so there is no self-influence."""
-    from .loo import confident_learning
-    from .unlearning import FoldSettings, out_of_fold_probabilities
+@dataclass
+class FoldAuditSetup:
+    """What every task of a `folds` audit shares: the model on its device, frozen, and the fold recipe."""
+
+    device: torch.device
+    model: nn.Module
+    num_outputs: int
+    settings: object  # unlearning.FoldSettings
+
+
+def set_up_fold_audit(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor,
+                      config: AuditConfig) -> FoldAuditSetup:
+    from .unlearning import FoldSettings
 
     if config.loss != "cross_entropy":
         raise EngineError("method 'folds' needs a classification model (softmax cross-entropy)")
+    if inputs.shape[0] == 0:
+        raise EngineError("the dataset has no examples")
     device = pick_device(config.device)
     model = model.to(device).eval()
     for p in model.parameters():
         p.requires_grad_(False)
-    loss = output_loss(config.loss)
-    n = inputs.shape[0]
-    if n == 0:
-        raise EngineError("the dataset has no examples")
     num_outputs = check_compatible(model, inputs[:2].to(device), targets.to(device), config.loss)
-    timings: dict[str, float] = {}
-    t0 = time.perf_counter()
-    predictions = Predictions(loss, config.loss)
-    batch_size = config.batch_size or 512
-    with torch.no_grad():
-        for x, y in BatchSource(inputs, targets, batch_size, device)():
-            predictions.add(model(x), y)
-    report("predictions", 0.02)
-    timings["predictions"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
     settings = FoldSettings(folds=config.folds, max_epochs=config.fold_epochs, shrink=config.fold_shrink,
                             seed=config.seed)
-    probs, fold_summary = out_of_fold_probabilities(model, inputs, targets, settings, device,
-                                                    lambda f: report("folds", 0.02 + 0.97 * f))
-    timings["folds"] = time.perf_counter() - t0
+    return FoldAuditSetup(device=device, model=model, num_outputs=num_outputs, settings=settings)
+
+
+def unlearn_one_fold(setup: FoldAuditSetup, inputs: torch.Tensor, targets: torch.Tensor, fold: int,
+                     report: Callable[[float], None] | None = None):
+    """One fold's FoldOutcome: the unit of work a sharded `folds` audit hands to a worker."""
+    from .unlearning import unlearn_fold
+
+    return unlearn_fold(setup.model, inputs, targets, setup.settings, fold, setup.device, report)
+
+
+def run_fold_audit(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, config: AuditConfig,
+                   report: ProgressCallback, started: float) -> AuditResult:
+    """Method `folds` in one process: every fold in turn (unlearning.py), then conclude_fold_audit."""
+    setup = set_up_fold_audit(model, inputs, targets, config)
+    t0 = time.perf_counter()
+    outcomes = [unlearn_one_fold(setup, inputs, targets, fold,
+                                 lambda f, fold=fold: report("folds", 0.02 + 0.97 * (fold + f) / config.folds))
+                for fold in range(config.folds)]
+    return conclude_fold_audit(config, setup, inputs, targets, outcomes, {"folds": time.perf_counter() - t0}, started)
+
+
+def conclude_fold_audit(config: AuditConfig, setup: FoldAuditSetup, inputs: torch.Tensor, targets: torch.Tensor,
+                        outcomes: list, timings: dict[str, float], started: float) -> AuditResult:
+    """The folds' out-of-fold probabilities (one FoldOutcome per fold, from any workers) joined, then
+    confident learning and suggested labels as for `loo`. No curvature is fitted: no self-influence."""
+    from .loo import confident_learning
+    from .unlearning import join_folds
+
+    device, model, n = setup.device, setup.model, inputs.shape[0]
+    t0 = time.perf_counter()
+    predictions = Predictions(output_loss(config.loss), config.loss)
+    with torch.no_grad():
+        for x, y in BatchSource(inputs, targets, config.batch_size or 512, device)():
+            predictions.add(model(x), y)
+    probs, fold_summary = join_folds(model, inputs, setup.settings, outcomes, device)
+    timings = timings | {"predictions": time.perf_counter() - t0}
     labels = targets.cpu().long()
     given_p = probs.gather(1, labels.unsqueeze(1)).squeeze(1)
     suggested_p, suggested = probs.max(1)
-    num_issues, thresholds, joint = confident_learning(probs.float(), labels, num_outputs)
+    num_issues, thresholds, joint = confident_learning(probs.float(), labels, setup.num_outputs)
     scores = 1.0 - given_p
     order, num_flags, flag_rule = _flags(config, scores, num_issues)
     tensors = predictions.tensors(n)
@@ -381,7 +410,7 @@ def run_fold_audit(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor
         "score": ("1 - out-of-fold probability of the given label (fold unlearning: the output layer re-initialised "
                   "and retrained without the example's fold)"),
         "device": str(device),
-        "batch_size": settings.batch_size,
+        "batch_size": setup.settings.batch_size,
         "seed": config.seed,
         "num_flagged": num_flags,
         "flag_rule": flag_rule,

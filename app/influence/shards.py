@@ -13,6 +13,7 @@ float sums are added. Nothing here knows about workers, queues or files: the cal
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
@@ -20,17 +21,15 @@ from functools import cached_property
 
 import torch
 
-from .audit import AuditConfig, AuditResult, AuditSetup, Predictions, conclude_audit
+from .audit import (AuditConfig, AuditResult, AuditSetup, FoldAuditSetup, Predictions, conclude_audit,
+                    conclude_fold_audit, unlearn_one_fold)
 from .base import BatchSource, EngineError, FittedCurvature, Partial, add_partials
 
 SCORES = "scores"  # the last stage of every sharded audit, after the fitting stages
+FOLDS = "folds"  # the one step of a `folds` audit: a shard per fold
 # A shard's partial sums travel through the artifact store: above this size per shard (an exact GGN
 # of a model near the exact size limit is 1 GB) the fit stays in one worker.
 MAX_PARTIAL_BYTES = 256 * 1024**2
-
-
-# methods that always run in one worker, and why (no AuditSetup is made for them)
-UNSHARDED_METHODS = {"folds": "method 'folds' runs in one worker (each fold's copy trains over the other folds in turn)"}
 
 
 def why_not_sharded(config: AuditConfig, setup: AuditSetup) -> str | None:
@@ -96,6 +95,63 @@ class ShardPlan:
     def from_dict(cls, value: dict) -> ShardPlan:
         return cls(num_examples=value["num_examples"], shard_size=value["shard_size"],
                    batch_size=value["batch_size"], fit_stages=tuple(value["fit_stages"]))
+
+
+@dataclass(frozen=True)
+class FoldPlan:
+    """A `folds` audit's shards: one per fold, whatever the number of examples (each fold trains a copy
+    of the model over the other folds, so even a small audit has K large, independent tasks)."""
+
+    num_examples: int
+    folds: int
+    kind: str = "folds"
+
+    @property
+    def num_shards(self) -> int:
+        return self.folds
+
+    @property
+    def stages(self) -> tuple[str, ...]:
+        return (FOLDS,)
+
+    def to_dict(self) -> dict:
+        return asdict(self) | {"num_shards": self.num_shards}
+
+
+def plan_from_dict(value: dict) -> ShardPlan | FoldPlan:
+    """The plan a shard row records, of either kind."""
+    if value.get("kind") == "folds":
+        return FoldPlan(num_examples=value["num_examples"], folds=value["folds"])
+    return ShardPlan.from_dict(value)
+
+
+def fold_shard(setup: FoldAuditSetup, plan: FoldPlan, index: int, inputs: torch.Tensor, targets: torch.Tensor,
+               progress=None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Fold `index` unlearned: its tensors (the fold's indices and out-of-fold probabilities) and its
+    summary as string metadata, which is what a shard's safetensors file holds."""
+    if plan.folds != setup.settings.folds or not 0 <= index < plan.folds:
+        raise EngineError(f"fold {index} of a {plan.folds}-fold plan for a {setup.settings.folds}-fold audit")  # a bug
+    outcome = unlearn_one_fold(setup, inputs, targets, index, progress)
+    return ({"held": outcome.held, "probabilities": outcome.probabilities},
+            {"summary": json.dumps(outcome.summary)})
+
+
+def fold_outcome(tensors: dict[str, torch.Tensor], metadata: dict[str, str]):
+    """A fold shard's stored result back as the FoldOutcome that conclude_fold_audit joins."""
+    from .unlearning import FoldOutcome
+
+    return FoldOutcome(held=tensors["held"], probabilities=tensors["probabilities"],
+                       summary=json.loads(metadata["summary"]))
+
+
+def conclude_folds_sharded(config: AuditConfig, setup: FoldAuditSetup, plan: FoldPlan, inputs: torch.Tensor,
+                           targets: torch.Tensor, outcomes: list, timings: dict[str, float],
+                           started: float) -> AuditResult:
+    if len(outcomes) != plan.num_shards:
+        raise RuntimeError(f"{len(outcomes)} fold results for {plan.num_shards} folds")  # a bug
+    result = conclude_fold_audit(config, setup, inputs, targets, outcomes, timings, started)
+    result.summary["shards"] = plan.to_dict() | {"seconds": round(time.perf_counter() - started, 4)}
+    return result
 
 
 def _rows(setup: AuditSetup, plan: ShardPlan, inputs: torch.Tensor, targets: torch.Tensor, index: int) -> BatchSource:

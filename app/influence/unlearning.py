@@ -123,24 +123,43 @@ def _probabilities(model: nn.Module, inputs: torch.Tensor, batch_size: int, devi
     return torch.cat(parts)
 
 
-def out_of_fold_probabilities(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, settings: FoldSettings,
-                              device: torch.device, report: Callable[[float], None] | None = None,
-                              eval_batch_size: int = 512) -> tuple[torch.Tensor, dict]:
-    """(N, C) float64 probabilities, each example's from a copy of `model` that was re-headed and trained
-    without its fold; and a summary (the layer reset, each fold's epochs and held-back losses).
-    `model` itself is not changed."""
+def fold_settings_text(settings: FoldSettings) -> str:
+    return (f"weights but the reset head multiplied by {settings.shrink:g}, then Adam lr {settings.learning_rate:g}, "
+            f"batch {settings.batch_size}, weight decay {settings.weight_decay:g}; at most {settings.max_epochs} "
+            f"epochs, stopping {settings.patience} epochs after the lowest loss on a held-back tenth of the retained "
+            "folds, whose weights predict the fold")
+
+
+@dataclass
+class FoldOutcome:
+    """One fold's part of the out-of-fold probabilities: what a fold task returns (one per shard)."""
+
+    held: torch.Tensor  # (n_fold,) int64: the fold's example indices, ascending
+    probabilities: torch.Tensor  # (n_fold, C) float64, from the copy that never saw these examples
+    summary: dict  # epochs, best epoch, held-back losses
+
+
+def unlearn_fold(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, settings: FoldSettings, fold: int,
+                 device: torch.device, report: Callable[[float], None] | None = None,
+                 eval_batch_size: int = 512) -> FoldOutcome:
+    """Fold `fold` alone: a copy of `model`, shrunk and re-headed, trained on the other folds, predicts
+    this fold. Depends only on (model, data, settings, fold), never on which folds ran before it in this
+    process (the global RNG that dropout draws from is forked and seeded per fold), so folds can run in
+    any order on any worker and give what one worker's loop gives. `model` is not changed."""
     n = inputs.shape[0]
     if settings.folds < 2 or n < 2 * settings.folds:
         raise EngineError(f"fold unlearning needs at least {2 * max(2, settings.folds)} examples and 2 folds")
+    if not 0 <= fold < settings.folds:
+        raise EngineError(f"fold {fold} of {settings.folds}")
     report = report or (lambda fraction: None)
     model = model.to(device).eval()
     head = output_layer(model, inputs[:2].to(device))
     assignment = fold_assignment(targets, settings.folds, settings.seed)
-    probabilities = None
-    folds_summary = []
-    epochs_total = settings.folds * settings.max_epochs
-    for fold in range(settings.folds):
-        generator = torch.Generator().manual_seed(settings.seed * 1_000_003 + fold)
+    fold_seed = settings.seed * 1_000_003 + fold
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(fold_seed)
+        generator = torch.Generator().manual_seed(fold_seed)
         held = (assignment == fold).nonzero().squeeze(1)
         retained = (assignment != fold).nonzero().squeeze(1)
         retained = retained[torch.randperm(retained.numel(), generator=generator)]
@@ -179,33 +198,52 @@ def out_of_fold_probabilities(model: nn.Module, inputs: torch.Tensor, targets: t
             if loss < best_loss:
                 best_loss, best_epoch = loss, epoch
                 best_state = {k: v.detach().clone() for k, v in copy_.state_dict().items()}
-            report((fold * settings.max_epochs + epoch) / epochs_total)
+            report(epoch / settings.max_epochs)
             if epoch - best_epoch >= settings.patience:
                 break
-        report((fold + 1) * settings.max_epochs / epochs_total)
+        report(1.0)
         copy_.load_state_dict(best_state)
         copy_.eval()
-        fold_probs = _probabilities(copy_, inputs[held], eval_batch_size, device)
-        if probabilities is None:
-            probabilities = torch.zeros(n, fold_probs.shape[1], dtype=torch.float64)
-        probabilities[held] = fold_probs
-        folds_summary.append({"fold": fold, "examples": int(held.numel()), "trained_on": int(train.numel()),
-                              "held_back": int(check.numel()), "epochs_run": len(losses), "best_epoch": best_epoch,
-                              "held_back_losses": losses})
-        del copy_, optimiser, best_state
-    summary = {
-        "folds": settings.folds,
-        "layer_reset": head[0] if head is not None else None,
-        "shrink": settings.shrink,
-        "optimiser": (f"weights but the reset head multiplied by {settings.shrink:g}, then "
-                      f"Adam lr {settings.learning_rate:g}, batch {settings.batch_size}, weight decay "
-                      f"{settings.weight_decay:g}; at most {settings.max_epochs} epochs, stopping {settings.patience} "
-                      "epochs after the lowest loss on a held-back tenth of the retained folds, whose weights predict "
-                      "the fold"),
-        "per_fold": folds_summary,
-    }
+        probabilities = _probabilities(copy_, inputs[held], eval_batch_size, device)
+    return FoldOutcome(held=held, probabilities=probabilities, summary={
+        "fold": fold, "examples": int(held.numel()), "trained_on": int(train.numel()), "held_back": int(check.numel()),
+        "epochs_run": len(losses), "best_epoch": best_epoch, "held_back_losses": losses})
+
+
+def join_folds(model: nn.Module, inputs: torch.Tensor, settings: FoldSettings, outcomes: list[FoldOutcome],
+               device: torch.device) -> tuple[torch.Tensor, dict]:
+    """The folds' outcomes (any order, one per fold) as (N, C) out-of-fold probabilities and a summary."""
+    if sorted(o.summary["fold"] for o in outcomes) != list(range(settings.folds)):
+        raise EngineError(f"{len(outcomes)} fold results for {settings.folds} folds")  # a bug
+    outcomes = sorted(outcomes, key=lambda o: o.summary["fold"])
+    probabilities = torch.zeros(inputs.shape[0], outcomes[0].probabilities.shape[1], dtype=torch.float64)
+    covered = torch.zeros(inputs.shape[0], dtype=torch.bool)
+    for outcome in outcomes:
+        probabilities[outcome.held] = outcome.probabilities
+        covered[outcome.held] = True
+    if not bool(covered.all()):
+        raise EngineError("the folds' results do not cover every example")  # a bug
+    head = output_layer(model.to(device).eval(), inputs[:2].to(device))
+    summary = {"folds": settings.folds, "layer_reset": head[0] if head is not None else None,
+               "shrink": settings.shrink, "optimiser": fold_settings_text(settings),
+               "per_fold": [o.summary for o in outcomes]}
     if head is None:
         summary["warning"] = ("no output layer to re-initialise was found (the logits do not come from one Linear or "
                               "Conv2d called once): each fold fine-tunes every weight from the trained values, which "
                               "forgets memorised labels slowly; flags may miss examples the model memorised")
     return probabilities, summary
+
+
+def out_of_fold_probabilities(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, settings: FoldSettings,
+                              device: torch.device, report: Callable[[float], None] | None = None,
+                              eval_batch_size: int = 512) -> tuple[torch.Tensor, dict]:
+    """(N, C) float64 probabilities, each example's from a copy of `model` that was re-headed and trained
+    without its fold; and a summary (the layer reset, each fold's epochs and held-back losses). The folds
+    run one after another here; a sharded audit runs `unlearn_fold` per fold on several workers and
+    joins them the same way. `model` itself is not changed."""
+    report = report or (lambda fraction: None)
+    outcomes = []
+    for fold in range(settings.folds):
+        outcomes.append(unlearn_fold(model, inputs, targets, settings, fold, device,
+                                     lambda f, fold=fold: report((fold + f) / settings.folds), eval_batch_size))
+    return join_folds(model, inputs, settings, outcomes, device)
