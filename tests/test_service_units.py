@@ -264,3 +264,28 @@ def test_listing_datasets_does_not_read_label_counts_it_does_not_show(tmp_path):
     assert reading_counts and all(" IN " in sql.upper() for sql, _ in reading_counts), statements
     assert not any(dataset_id.hex in str(params) for _, params in reading_counts for dataset_id in big_ids)
     assert peak < 2_000_000, peak  # one big dataset's parsed counts alone take 3.6 MB
+
+
+def test_the_api_and_the_engine_default_every_audit_setting_alike():
+    """The request model (whose values are recorded as the audit's params) and the engine's AuditConfig
+    (which the worker builds from those params, unchanged) must not drift apart: an older audit row
+    that lacks a setting runs with AuditConfig's default, which must be what the API would have sent."""
+    import dataclasses
+
+    from app.audits.schemas import AuditCreate
+    from app.core.config import Settings
+    from app.influence import AuditConfig
+    from worker.jobs import _audit_config
+
+    engine = {f.name: f.default for f in dataclasses.fields(AuditConfig)}
+    shared = [name for name in AuditCreate.model_fields if name in engine]
+    assert {"method", "damping", "seed", "fisher_samples", "folds", "fold_epochs", "fold_shrink"} <= set(shared)
+    for name in shared:
+        assert AuditCreate.model_fields[name].default == engine[name], name
+    request = AuditCreate(model_id="00000000-0000-0000-0000-000000000001",
+                          dataset_id="00000000-0000-0000-0000-000000000002", fold_epochs=7, seed=3, name="x")
+    params = request.model_dump(mode="json", exclude={"model_id", "dataset_id", "method", "damping"})
+    config = _audit_config(request.method, request.damping, params | {"shard_size": 100}, Settings())
+    assert (config.method, config.fold_epochs, config.seed, config.folds) == ("folds", 7, 3, 5)
+    assert _audit_config("ekfac", 0.1, {}, Settings()) == dataclasses.replace(
+        AuditConfig(method="ekfac", damping=0.1), max_exact_parameters=Settings().max_exact_parameters)

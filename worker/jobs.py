@@ -8,6 +8,7 @@ overwritten by a stale attempt, and results are written exactly once.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import logging
 import os
@@ -563,15 +564,12 @@ def _audit_attempt(audit_id: uuid.UUID, token: str, settings: Settings, factory:
 
 
 def _audit_config(method: str, damping: float | None, params: dict, settings: Settings) -> AuditConfig:
-    """The engine's settings of an audit, from its row (the request's parameters as recorded)."""
-    return AuditConfig(method=method, damping=damping, weight_decay=params.get("weight_decay", 0.0),
-                       batch_size=params.get("batch_size"), seed=params.get("seed", 0),
-                       fisher_samples=params.get("fisher_samples", 1), flag_fraction=params.get("flag_fraction"),
-                       curvature=params.get("curvature", "auto"), lanczos_rank=params.get("lanczos_rank", 64),
-                       verify_top_k=params.get("verify_top_k", 0), pbrf_epsilon=params.get("pbrf_epsilon"),
-                       folds=params.get("folds", 5), fold_epochs=params.get("fold_epochs", 15),
-                       fold_shrink=params.get("fold_shrink", 0.5),
-                       max_exact_parameters=settings.max_exact_parameters)
+    """The engine's settings of an audit: its recorded params as the API validated them, unchanged; a
+    setting an older row does not record takes AuditConfig's default, which is the API's too."""
+    known = {f.name for f in dataclasses.fields(AuditConfig)}
+    recorded = {key: value for key, value in params.items() if key in known}
+    return AuditConfig(**recorded | {"method": method, "damping": damping,
+                                     "max_exact_parameters": settings.max_exact_parameters})
 
 
 # ---------------------------------------------------------------------------------------- sharded audits

@@ -25,7 +25,10 @@ ProgressCallback = Callable[[str, float], None]
 
 @dataclass
 class AuditConfig:
-    method: str = "exact"
+    """Every audit setting and its default, for the library and the service alike (the API's request
+    model takes its defaults from here; the worker builds this from an audit's recorded params)."""
+
+    method: str = "folds"
     damping: float | None = None
     weight_decay: float = 0.0
     batch_size: int | None = None  # None: chosen per method from the model size (see auto_batch_size)
