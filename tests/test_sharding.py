@@ -39,17 +39,22 @@ def two_workers(request, tmp_path_factory):
         svc.stop()
 
 
+def _mlp_and_data(client, inputs, labels, tmp_path, epochs: int):
+    """A 128-unit MLP fitted to the data, exported and uploaded with the data: (model, dataset, path)."""
+    model = quick_mlp(inputs, labels, hidden=128, epochs=epochs)
+    path = export_onnx(model, torch.from_numpy(inputs[:2]), tmp_path / "m.onnx")
+    return (upload_model(client, path).json(), upload_dataset(client, npz_bytes(inputs=inputs, labels=labels)).json(),
+            path)
+
+
 def _scores(client, audit_id) -> np.ndarray:
     return np.array([row["score"] for row in all_pages(client, f"/v1/audits/{audit_id}/scores", limit=10_000)])
 
 
 def test_sharded_audit_over_two_workers_equals_one_workers(two_workers, tmp_path):
     inputs, labels = synthetic_classification(n=6000, features=32, classes=5, seed=11)
-    model = quick_mlp(inputs, labels, hidden=128, epochs=30)
-    path = export_onnx(model, torch.from_numpy(inputs[:2]), tmp_path / "m.onnx")
     with two_workers.client() as client:
-        m = upload_model(client, path).json()
-        d = upload_dataset(client, npz_bytes(inputs=inputs, labels=labels)).json()
+        m, d, _ = _mlp_and_data(client, inputs, labels, tmp_path, epochs=30)
         body = {"model_id": m["id"], "dataset_id": d["id"], "method": "ekfac", "seed": 7, "batch_size": 100}
         sharded = client.post("/v1/audits", json=body | {"shard_size": 500}).json()
         final, seen = wait_for_audit(client, sharded["id"], timeout=300)
@@ -89,11 +94,8 @@ def test_folds_run_as_a_task_per_fold_on_both_workers(two_workers, tmp_path):
     loop run here on the same exported model (each fold is seeded by its index alone)."""
     inputs, labels = synthetic_classification(n=4000, features=32, classes=5, seed=13)
     labels[:200] = (labels[:200] + 1) % 5  # some wrong labels for the folds to find
-    model = quick_mlp(inputs, labels, hidden=128, epochs=40)
-    path = export_onnx(model, torch.from_numpy(inputs[:2]), tmp_path / "m.onnx")
     with two_workers.client() as client:
-        m = upload_model(client, path).json()
-        d = upload_dataset(client, npz_bytes(inputs=inputs, labels=labels)).json()
+        m, d, path = _mlp_and_data(client, inputs, labels, tmp_path, epochs=40)
         body = {"model_id": m["id"], "dataset_id": d["id"], "method": "folds", "seed": 3, "fold_epochs": 6}
         audit = client.post("/v1/audits", json=body).json()
         final, seen = wait_for_audit(client, audit["id"], timeout=300)
