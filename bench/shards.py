@@ -5,7 +5,8 @@ reference. Reports wall-clock seconds (the audit's started_at to finished_at), t
 workers over one, shards per worker process, and that the scores agree.
 
     .venv/bin/python bench/shards.py [--backend postgres_redis|embedded] [--examples 200000] [--shard-size 20000]
-Writes bench/results/shards-<backend>.md.
+Writes bench/results/shards-<backend>.md. With --folds: method folds, a task per fold, on one worker and on
+two; writes bench/results/shards-folds-<backend>.md.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ def run_audit(backend: str, workers: int, threads: int, model_path: Path, data: 
         env = _service_env(backend, pg) | {"PBRF_WORKER_CONCURRENCY": str(workers),
                                            "PBRF_HEARTBEAT_SECONDS": "2", "OMP_NUM_THREADS": str(threads),
                                            "PBRF_WORKER_THREADS": str(threads)}
-        service = Service(env, tmp / f"svc-{backend}-{workers}-{body['shard_size']}")
+        service = Service(env, tmp / f"svc-{backend}-{workers}-{threads}-{body.get('shard_size', body['method'])}")
         service.start()
         stack.callback(service.stop)
         with service.client() as client:
@@ -63,7 +64,11 @@ def main() -> None:
     parser.add_argument("--features", type=int, default=64)
     parser.add_argument("--hidden", type=int, default=1024)
     parser.add_argument("--shard-size", type=int, default=20_000)
+    parser.add_argument("--folds", action="store_true", help=(
+        "measure method folds instead (a task per fold; default data: 20,000 examples, hidden 256)"))
     args = parser.parse_args()
+    if args.folds:
+        return folds_main(args)
     tmp = Path(tempfile.mkdtemp(prefix="pbrf-shards-"))
     inputs, labels = synthetic_classification(n=args.examples, features=args.features, classes=10, seed=3)
     model = quick_mlp(inputs, labels, hidden=args.hidden, epochs=20)
@@ -107,6 +112,50 @@ def main() -> None:
               f"{rows[3]['seconds'] / rows[2]['seconds']:.2f}x.\n")
     print(text)
     print(f"written to {write_result(f'shards-{args.backend}.md', text)}")
+
+
+def folds_main(args) -> None:
+    """Method folds on one worker process and on two (one thread each), and on one process with every
+    thread: the folds are the tasks, so with K folds two workers can at best run ceil(K/2) rounds."""
+    examples = args.examples if args.examples != 200_000 else 20_000
+    hidden = args.hidden if args.hidden != 1024 else 256
+    tmp = Path(tempfile.mkdtemp(prefix="pbrf-shards-"))
+    inputs, labels = synthetic_classification(n=examples, features=args.features, classes=10, seed=3)
+    labels[: examples // 10] = (labels[: examples // 10] + 1) % 10  # wrong labels for the folds to find
+    model = quick_mlp(inputs, labels, hidden=hidden, epochs=20)
+    model_path = export_onnx(model, torch.from_numpy(inputs[:2]), tmp / "m.onnx")
+    data = npz_bytes(inputs=inputs, labels=labels)
+    body = {"method": "folds", "seed": 1}
+    cores = torch.get_num_threads()
+    runs = [("one worker", 1, 1), ("two workers", 2, 1), (f"one worker with {cores} threads", 1, cores)]
+    rows, results = [], {}
+    for name, workers, threads in runs:
+        final, scores = run_audit(args.backend, workers, threads, model_path, data, body | {"name": name}, tmp)
+        shards = final["summary"]["shards"]
+        folds = final["summary"]["out_of_sample"]["per_fold"]
+        results[name] = scores
+        rows.append({"run": name, "worker processes": workers, "threads each": threads,
+                     "seconds": _seconds(final), "folds per process": ", ".join(
+                         str(v) for v in shards["shards_per_process"].values()),
+                     "epochs run per fold": ", ".join(str(f["epochs_run"]) for f in folds)})
+        print(rows[-1], flush=True)
+    for row in rows:
+        row["max score diff vs one worker"] = float(np.abs(results[row["run"]] - results["one worker"]).max())
+    speedup = rows[0]["seconds"] / rows[1]["seconds"]
+    text = (f"# Method folds over worker processes ({args.backend})\n\n"
+            f"`folds` audit (5 folds, default settings) of an MLP ({args.features}-{hidden}-10, tanh) on {examples:,} "
+            f"synthetic examples (10% of labels moved), through `pbrf-audit serve`. Every fold is one task; the "
+            f"audit's own process and any idle worker take them. Seconds: the audit's started_at to finished_at.\n"
+            f"Environment: {environment()}\n\n"
+            + table(rows, ["run", "worker processes", "threads each", "seconds", "folds per process",
+                           "epochs run per fold", "max score diff vs one worker"])
+            + f"\n\nSpeed-up of two workers over one (one thread per process): **{speedup:.2f}x** (at most "
+              f"5/3 = 1.67x with 5 equal folds: the second round has one fold left for two workers); two workers "
+              f"against one process using all {cores} threads: {rows[2]['seconds'] / rows[1]['seconds']:.2f}x. "
+              "The last column compares each run's scores (1 - out-of-fold probability) with the one-worker run's: "
+              "each fold is seeded by its index alone, so which process ran it does not matter.\n")
+    print(text)
+    print(f"written to {write_result(f'shards-folds-{args.backend}.md', text)}")
 
 
 if __name__ == "__main__":
