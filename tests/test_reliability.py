@@ -84,6 +84,35 @@ def test_sigkill_mid_audit_is_recovered_and_written_once(fast_reaper_service, sl
         assert len(scores) == 2400
 
 
+def test_a_killed_folds_audit_keeps_the_folds_it_finished(fast_reaper_service, slow_job):
+    """Method folds records each fold as a shard row: SIGKILL the worker after two folds are done, and
+    the second attempt runs only the folds that were not; the scores equal an uninterrupted run's."""
+    body = slow_job | {"method": "folds", "batch_size": None, "fold_epochs": 40, "seed": 2}
+    with fast_reaper_service.client() as client:
+        audit = client.post("/v1/audits", json=body).json()
+        deadline = time.monotonic() + 120
+        while True:
+            running = client.get(f"/v1/audits/{audit['id']}").json()
+            assert running["status"] in ("queued", "running") and time.monotonic() < deadline, running
+            if running["status"] == "running" and (running["stage"] or "").startswith("folds: 2 of 5 done"):
+                break
+            time.sleep(0.05)
+        os.kill(int(running["worker"].rsplit(":", 1)[1]), signal.SIGKILL)
+        final, seen = wait_for_audit(client, audit["id"], timeout=240)
+        assert final["status"] == "succeeded", (final["error"], list(dict.fromkeys(seen))[-12:],
+                                                fast_reaper_service.logs()[-6000:])
+        assert final["attempts"] == 2
+        # the two finished folds ran once; the one running when the process died ran twice at most
+        assert 5 <= final["summary"]["shards"]["shard_runs"] <= 6, final["summary"]["shards"]
+        again = client.post("/v1/audits", json=body).json()
+        uninterrupted, _ = wait_for_audit(client, again["id"], timeout=240)
+        assert uninterrupted["status"] == "succeeded" and uninterrupted["attempts"] == 1
+        assert uninterrupted["summary"]["shards"]["shard_runs"] == 5
+        scores = [r["score"] for r in all_pages(client, f"/v1/audits/{audit['id']}/scores", limit=10_000)]
+        reference = [r["score"] for r in all_pages(client, f"/v1/audits/{again['id']}/scores", limit=10_000)]
+        assert len(scores) == 2400 and scores == reference  # the same folds, seeded alike, in the same processes
+
+
 def test_cancel_stops_a_running_audit(fast_reaper_service, slow_job):
     with fast_reaper_service.client() as client:
         audit = client.post("/v1/audits", json=slow_job).json()
