@@ -787,8 +787,11 @@ def _run_fold_tasks(audit_id: uuid.UUID, tenant: str, settings: Settings, factor
 
 
 class AuditWatch(_Watch):
-    """A helper's watch on the audit it helps: `lost` is set once the audit is no longer running
-    (cancelled, failed, finished, deleted), and the helper's process is then stopped."""
+    """A helper's watch on the audit it helps: `lost` is set once the audit has ended (cancelled,
+    failed, finished, deleted), and the helper's process is then stopped. An audit put back in the
+    queue (its own process died; the next attempt keeps every shard that succeeded) does not stop the
+    helper: the shard it is running is still wanted, and killing it would only make the next attempt
+    run it again. The helper leaves at its next shard boundary (_help_audit)."""
 
     def __init__(self, factory: sessionmaker, audit_id: uuid.UUID, interval: float):
         super().__init__(interval)
@@ -796,7 +799,7 @@ class AuditWatch(_Watch):
 
     def check(self) -> None:
         with self.factory() as session:
-            if session.scalar(select(Audit.status).where(Audit.id == self.audit_id)) != "running":
+            if session.scalar(select(Audit.status).where(Audit.id == self.audit_id)) not in ("running", "queued"):
                 self.lost.set()
 
 
