@@ -25,8 +25,8 @@ ProgressCallback = Callable[[str, float], None]
 
 @dataclass
 class AuditConfig:
-    """Every audit setting and its default, for the library and the service alike (the API's request
-    model takes its defaults from here; the worker builds this from an audit's recorded params)."""
+    """Every audit setting and its default, for the library and the service alike: the worker builds
+    this from an audit's recorded params unchanged, and a test keeps the API's defaults equal to these."""
 
     method: str = "folds"
     damping: float | None = None

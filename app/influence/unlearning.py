@@ -232,18 +232,3 @@ def join_folds(model: nn.Module, inputs: torch.Tensor, settings: FoldSettings, o
                               "Conv2d called once): each fold fine-tunes every weight from the trained values, which "
                               "forgets memorised labels slowly; flags may miss examples the model memorised")
     return probabilities, summary
-
-
-def out_of_fold_probabilities(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, settings: FoldSettings,
-                              device: torch.device, report: Callable[[float], None] | None = None,
-                              eval_batch_size: int = 512) -> tuple[torch.Tensor, dict]:
-    """(N, C) float64 probabilities, each example's from a copy of `model` that was re-headed and trained
-    without its fold; and a summary (the layer reset, each fold's epochs and held-back losses). The folds
-    run one after another here; a sharded audit runs `unlearn_fold` per fold on several workers and
-    joins them the same way. `model` itself is not changed."""
-    report = report or (lambda fraction: None)
-    outcomes = []
-    for fold in range(settings.folds):
-        outcomes.append(unlearn_fold(model, inputs, targets, settings, fold, device,
-                                     lambda f, fold=fold: report((fold + f) / settings.folds), eval_batch_size))
-    return join_folds(model, inputs, settings, outcomes, device)
