@@ -12,7 +12,7 @@ from app.artifacts.loaders import load_onnx
 from app.influence import AuditConfig, FittedCurvature, run_audit
 from app.influence import shards
 from app.influence.audit import set_up_fold_audit
-from app.influence.unlearning import fold_assignment, output_layer
+from app.influence.unlearning import average_ranks, fold_assignment, fold_scores, output_layer
 from tests.digits import noisy_digits, train_mlp
 from tests.helpers import export_onnx
 from tests.zoo import ResidualCNN, TiedTokenModel, TinyTransformer
@@ -48,6 +48,25 @@ def test_folds_find_memorised_flips_that_the_loss_misses(memorised_flips):
     assert joint.shape == (10, 10) and np.abs(joint.sum(1) - np.bincount(y.numpy(), minlength=10)).max() <= 5
     assert sum(folds["label_issues_by_given_label"]) == pytest.approx(folds["num_label_issues"], abs=10)
     assert result.self_influence is None and result.summary["method"] == "folds"
+
+
+def test_fold_scores_order_confident_disagreements_by_the_trained_models_loss():
+    given_p = torch.tensor([1e-4, 1e-4, 0.45, 0.9, 0.9], dtype=torch.float64)
+    losses = torch.tensor([0.1, 2.0, 3.0, 0.0, 0.0], dtype=torch.float64)
+    scores = fold_scores(given_p, losses)
+    assert float(scores.min()) >= 0 and float(scores.max()) <= 1
+    assert scores[1] > scores[0]  # the same confident disagreement: the worse-fitted example first
+    # the loss's rank can at most double a score: a disagreement of 0.55 does not overtake one of 0.9999
+    assert scores[0] > scores[2] > scores[3]
+    assert scores[3] == scores[4]  # tied losses share their rank
+    # ranks as scipy's rankdata (ties averaged) and independent of the examples' order
+    from scipy.stats import rankdata
+    values = torch.randint(0, 20, (500,)).double()
+    torch.testing.assert_close(average_ranks(values), torch.from_numpy(rankdata(values.numpy())))
+    permutation = torch.randperm(500)
+    p = torch.rand(500, dtype=torch.float64)
+    torch.testing.assert_close(fold_scores(p, values)[permutation], fold_scores(p[permutation], values[permutation]),
+                               rtol=0, atol=0)
 
 
 def test_shrinking_rebuilds_the_features_a_deep_network_memorised():

@@ -389,7 +389,7 @@ def conclude_fold_audit(config: AuditConfig, setup: FoldAuditSetup, inputs: torc
     """The folds' out-of-fold probabilities (one FoldOutcome per fold, from any workers) joined, then
     confident learning and suggested labels as for `loo`. No curvature is fitted: no self-influence."""
     from .loo import confident_learning
-    from .unlearning import join_folds
+    from .unlearning import fold_scores, join_folds
 
     device, model, n = setup.device, setup.model, inputs.shape[0]
     t0 = time.perf_counter()
@@ -403,15 +403,17 @@ def conclude_fold_audit(config: AuditConfig, setup: FoldAuditSetup, inputs: torc
     given_p = probs.gather(1, labels.unsqueeze(1)).squeeze(1)
     suggested_p, suggested = probs.max(1)
     num_issues, thresholds, joint = confident_learning(probs.float(), labels, setup.num_outputs)
-    scores = 1.0 - given_p
-    order, num_flags, flag_rule = _flags(config, scores, num_issues)
     tensors = predictions.tensors(n)
+    scores = fold_scores(given_p, tensors["losses"])
+    order, num_flags, flag_rule = _flags(config, scores, num_issues)
     summary = {
         "num_examples": n,
         "method": "folds",
         "damping": None,
-        "score": ("1 - out-of-fold probability of the given label (fold unlearning: the output layer re-initialised "
-                  "and retrained without the example's fold)"),
+        "score": ("(1 - out-of-fold probability of the given label) x (1 + rank of the trained model's loss / N) / 2: "
+                  "the out-of-fold disagreement (fold unlearning: weights shrunk, the output layer re-initialised "
+                  "and retrained without the example's fold), weighted by how poorly the trained model itself fits "
+                  "the label"),
         "device": str(device),
         "batch_size": setup.settings.batch_size,
         "seed": config.seed,

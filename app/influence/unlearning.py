@@ -22,7 +22,9 @@ without it AP fell to 0.70-0.74 on a residual CNN and a transformer where 5-fold
 Why the held-back tenth: the number of epochs is chosen by the data (the lowest held-back loss, noisy
 labels included: no ground truth), not tuned on the flips.
 
-The probabilities then feed confident learning (loo.confident_learning), exactly as `loo`'s do.
+The probabilities then feed confident learning (loo.confident_learning), exactly as `loo`'s do: the
+flag count and the suggested labels come from them alone. The ranking (fold_scores) also weighs in the
+trained model's own loss on the example, see there.
 """
 
 from __future__ import annotations
@@ -121,6 +123,32 @@ def _probabilities(model: nn.Module, inputs: torch.Tensor, batch_size: int, devi
         for start in range(0, inputs.shape[0], batch_size):
             parts.append(torch.softmax(model(inputs[start: start + batch_size].to(device)).double(), -1).cpu())
     return torch.cat(parts)
+
+
+def average_ranks(values: torch.Tensor) -> torch.Tensor:
+    """Ranks 1..N of `values` (float64), tied values sharing their mean rank (scipy's rankdata "average"):
+    the result does not depend on the order of the examples or on how a sort breaks ties."""
+    _, inverse, counts = torch.unique(values, sorted=True, return_inverse=True, return_counts=True)
+    ends = torch.cumsum(counts, 0).double()  # the last rank of each distinct value
+    return (ends - (counts.double() - 1) / 2)[inverse]
+
+
+def fold_scores(given_probability: torch.Tensor, training_losses: torch.Tensor) -> torch.Tensor:
+    """Ranking score in [0, 1]: `(1 - p_oof[given]) * (1 + r / N) / 2`, where r is the rank (1..N) of
+    the example's loss under the trained model itself.
+
+    Why not 1 - p_oof alone: each fold copy trains briefly (15 epochs at most, its held-back loss still
+    falling), so p_oof is a noisy estimate of what a model that never saw the example would say. The
+    trained model's own loss is a second piece of evidence whose errors are of another kind (a memorised
+    flip is fitted later and less tightly than its clean neighbours, whatever the fold copies do), and
+    weighing it in orders the examples the fold copies find about equally suspicious. The weight is a
+    rank, so it is scale-free and bounded: it can at most double a score, so a confident out-of-fold
+    disagreement is never outranked by a mild one because of the loss alone. Picked among four
+    combinations on bench seeds 0-2 (bench/results/combine-probe.txt: higher mean AP in 11 of 12
+    model/noise pairs), then measured on seeds 3-5 beside cleanlab (bench/results/detection.md)."""
+    disagreement = 1.0 - given_probability.double()
+    weight = 1.0 + average_ranks(training_losses.double()) / max(1, training_losses.numel())
+    return disagreement * weight / 2.0
 
 
 def fold_settings_text(settings: FoldSettings) -> str:
