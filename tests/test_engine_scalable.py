@@ -675,3 +675,52 @@ def test_conv_patches_equal_unfold_for_any_stride_dilation_and_padding(stride, d
     want = torch.cat([unfolded.transpose(0, 1).reshape(d, B * T), torch.ones(1, B * T)])
     assert got.shape == want.shape and torch.equal(got, want)
     assert conv(x).shape[2] * conv(x).shape[3] == T
+
+
+class _SequenceFirst(nn.Module):
+    """Token ids laid out sequence-first inside, as nn.MultiheadAttention's exported graphs do: a
+    projection on (L, B, d), one on the (L*B, d) rows, and a weight used through F.linear (its module
+    is never called, so no hook sees it)."""
+
+    def __init__(self, vocab=20, d=6, classes=3):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, d)
+        self.in_proj = nn.Linear(d, d)
+        self.out_proj = nn.Linear(d, d)
+        self.gate = nn.Linear(d, d)
+        self.head = nn.Linear(d, classes)
+
+    def forward(self, ids):
+        h = self.embed(ids).transpose(0, 1)  # (L, B, d)
+        h = torch.tanh(self.in_proj(h))
+        L, B, d = h.shape
+        h = torch.tanh(self.out_proj(h.reshape(L * B, d))).view(L, B, d)
+        h = h * torch.sigmoid(nn.functional.linear(h, self.gate.weight, self.gate.bias))
+        return self.head(h.mean(0))
+
+
+def test_a_sequence_first_layout_gets_each_examples_own_gradient():
+    """Per-example gradients of linear maps whose rows are not batch-major are each example's own:
+    the squared gradient norms equal torch.func's, the diagonal GGN equals the exact one, and the maps
+    keep their Kronecker blocks (a wrong layout used to crash or mix examples)."""
+    from app.influence.functional import per_example_loss_grads, trainable_parameters
+
+    torch.manual_seed(0)
+    model = _SequenceFirst().eval().requires_grad_(False)
+    x = torch.randint(0, 20, (14, 5))
+    y = torch.randint(0, 3, (14,))
+    loss = CrossEntropyOutput()
+    norms = per_example_loss_grads(model, trainable_parameters(model), loss, x, y).double().pow(2).sum(1)
+    identity = fit("identity", model, x, y)
+    torch.testing.assert_close(identity.self_influence(x, y), norms, rtol=1e-4, atol=1e-7)
+    assert {layer.name: layer.example_stride for layer in identity.layers} == {"in_proj": 1, "out_proj": 1,
+                                                                               "head": None}
+    assert "gate.weight" in identity.fallback_names  # used through F.linear: torch.func's gradients
+    expected = _diag_by_name(fitted_exact(model, x, y, 1e-2), model)
+    est = fit("diagonal", model, x, y, damping=1e-2, fisher_samples=0)
+    for layer in est.layers:
+        full = torch.cat([expected[f"{layer.name}.weight"], expected[f"{layer.name}.bias"].unsqueeze(1)], 1)
+        torch.testing.assert_close(est.state[layer.name]["L"], full, rtol=1e-4, atol=1e-8)
+    _, exact_s = exact_scores(model, x, y, 1e-2)
+    s = fit("ekfac", model, x, y, damping=1e-2, fisher_samples=0).self_influence(x, y)
+    assert spearmanr(s.numpy(), exact_s.numpy()).statistic > 0.5

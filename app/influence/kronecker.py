@@ -77,6 +77,55 @@ def _shared_parameters(model: nn.Module) -> set[int]:
     return {key for key, count in owners.items() if count > 1}
 
 
+def _close(x: torch.Tensor, y: torch.Tensor) -> bool:
+    """Equal up to the rounding of one example computed at another place in its batch."""
+    if x.shape != y.shape:
+        return False
+    scale = float(torch.maximum(x.abs().max(), y.abs().max())) if x.numel() else 0.0
+    return bool(((x - y).abs() <= 1e-4 * scale + 1e-30).all())
+
+
+def _example_stride(layer, x3: list[torch.Tensor], g3: list[torch.Tensor], x2: list[torch.Tensor],
+                    g2: list[torch.Tensor]) -> int | None | bool:
+    """The layout of a layer's examples from its inputs and output gradients on the batches [a, b, a]
+    and [b, a] (one tensor per call): None for batch-first, an int for a sequence-first linear map's
+    row stride, False when neither fits. The layouts tried must give every copy of an example the same
+    rows in both batches."""
+    if len(x3) != len(x2) or not x3:
+        return False  # never called: its weight is used some other way (F.linear on it), which hooks miss
+
+    def examples(t: torch.Tensor, batch: int, stride: int | None) -> list[torch.Tensor] | None:
+        if layer.is_conv or t.dim() < 2:
+            return list(t) if t.shape[0] == batch else None
+        rows = t.reshape(-1, t.shape[-1])
+        step = stride if stride is not None else rows.shape[0] // batch
+        if rows.shape[0] % batch or step == 0 or rows.shape[0] % (batch * step):
+            return None
+        return list(rows.view(-1, batch, step, rows.shape[-1]).transpose(0, 1))
+
+    def fits(stride: int | None) -> bool:
+        for t3, t2 in list(zip(x3, x2)) + list(zip(g3, g2)):
+            e3, e2 = examples(t3, 3, stride), examples(t2, 2, stride)
+            if e3 is None or e2 is None:
+                return False
+            if not (_close(e3[0], e3[2]) and _close(e3[0], e2[1]) and _close(e3[1], e2[0])):
+                return False
+        return True
+
+    if fits(None):
+        return None
+    if layer.is_conv or not x3 or x3[0].dim() < 2:
+        return False
+    rows = x3[0].reshape(-1, x3[0].shape[-1]).shape[0]
+    if rows % 3:
+        return False
+    per_example = rows // 3
+    for stride in range(1, per_example):
+        if per_example % stride == 0 and fits(stride):
+            return stride
+    return False
+
+
 def _augmented_covariance(aa: torch.Tensor, colsum: torch.Tensor | None, count: int) -> torch.Tensor:
     """sum a a^T of the inputs with a ones column appended (the bias), from sum a a^T, sum a, count."""
     if colsum is None:
@@ -178,12 +227,28 @@ class _Layer:
         self.param_names = [f"{prefix}weight"] + ([f"{prefix}bias"] if self.has_bias else [])
         self.workspace: dict[str, torch.Tensor] = {}
         self.clone_output = False  # the model modifies the output in place (ReLU(inplace=True), +=)
+        # Where a linear map's input rows (its leading axes flattened) keep their examples: None when
+        # the batch axis leads (row r belongs to example r // T); else the stride s of a sequence-first
+        # layout, row r belonging to example (r // s) % B, as in nn.MultiheadAttention's exported
+        # (L, B, d) projections and its (L*B, d) output projection. Set by the estimator's probe.
+        self.example_stride: int | None = None
 
     # ----------------------------------------------------------------- what a forward hook keeps
-    def record(self, x: torch.Tensor) -> torch.Tensor:
+    def batch_first(self, t: torch.Tensor, batch: int) -> torch.Tensor:
+        """A linear map's input or output gradient (..., d) in this layer's example layout -> (B, T, d)."""
+        if self.example_stride is None:
+            return t.reshape(t.shape[0], -1, t.shape[-1])
+        d, stride = t.shape[-1], self.example_stride
+        rows = t.reshape(-1, d)
+        if rows.shape[0] % (batch * stride):
+            raise EngineError(f"layer '{self.name}': {rows.shape[0]} rows do not split into {batch} examples of "
+                              f"stride {stride}; the model lays out its batch differently for this batch size")
+        return rows.view(-1, batch, stride, d).transpose(0, 1).reshape(batch, -1, d)
+
+    def record(self, x: torch.Tensor, batch: int | None = None) -> torch.Tensor:
         """Layer input -> what is kept: (B, T, d) for a linear map, the (padded) image for a convolution."""
         if not self.is_conv:
-            return x.reshape(x.shape[0], -1, x.shape[-1])
+            return self.batch_first(x, batch if batch is not None else x.shape[0])
         if isinstance(self.module.padding, str):
             x = F.pad(x, self.module._reversed_padding_repeated_twice)
         return x
@@ -558,7 +623,9 @@ class _Capture:
             def hook(module, args, output, layer=layer):
                 if not self.recording:  # e.g. the fallback's own functional forward
                     return None
-                self.inputs[layer.name].append(layer.record(args[0].detach()))
+                x = args[0].detach()
+                self.inputs[layer.name].append(layer.record(x, self.batch) if isinstance(layer, _Layer)
+                                               else layer.record(x))
                 if getattr(layer, "broadcast", False):
                     output = output.unsqueeze(0).expand(self.batch, *output.shape)
                 self.outputs[layer.name].append(output)
@@ -586,6 +653,8 @@ class _Capture:
         for layer in self.layers:
             calls = len(self.outputs[layer.name])
             out[layer.name] = list(grads[offset : offset + calls])
+            if getattr(layer, "example_stride", None) is not None:
+                out[layer.name] = [layer.batch_first(g, self.batch) for g in out[layer.name]]
             offset += calls
         return out
 
@@ -733,6 +802,7 @@ class KroneckerEstimator(Estimator):
         x, y = next(iter(data()))
         self._probe(x)
         with _Capture(self.layers) as capture, torch.no_grad():
+            capture.batch = 1
             self.model(x[:1])
         positions = {layer.name: sum(layer.positions(a) for a in capture.inputs[layer.name]) for layer in self.layers}
         samples = max(1, self.options.fisher_samples) if self.options.fisher_samples else 0
@@ -773,6 +843,7 @@ class KroneckerEstimator(Estimator):
         examples, the probe decides first which modules take which treatment."""
         self._probe(example)
         with _Capture(self.layers) as capture, torch.no_grad():
+            capture.batch = 1
             self.model(example[:1])
         total = 0
         for layer in self.layers:
@@ -902,6 +973,7 @@ class KroneckerEstimator(Estimator):
         for module in watched:
             module.clone_output = any(o._version != v for o, v in zip(capture.outputs[module.name],
                                                                      capture.versions[module.name]))
+        self._probe_layouts(inputs)
         if inputs.shape[0] < 2 or not self._diag_candidates:
             return
         x = inputs[:2]
@@ -926,6 +998,56 @@ class KroneckerEstimator(Estimator):
             self.diag_modules = [dm for dm in self.diag_modules if not isinstance(dm.module, nn.Embedding)]
             tabled = {t.param_name for t in self.tables}
             self.fallback_names = [n for n in self.fallback_names if n not in tabled]
+
+    def _probe_layouts(self, inputs: torch.Tensor) -> None:
+        """Decide where each tracked layer keeps its examples. The model runs on the batches [a, b, a]
+        and [b, a] of two different examples, with the same output-gradient vector for every copy of an
+        example; in the right layout, an example's input rows and output gradients are the same
+        wherever it sits. Batch-first is tried first; a linear map may also be sequence-first (rows
+        strided by example, see _Layer.example_stride). A layer that fits no layout (its rows do not
+        grow with the batch, or mix examples) leaves the Kronecker blocks for the fallback, whose
+        per-example gradients (torch.func) are right whatever the layout."""
+        if not self.layers or inputs.shape[0] < 2:
+            return
+        others = [i for i in range(1, inputs.shape[0]) if not torch.equal(inputs[i], inputs[0])]
+        if not others:
+            return  # every example alike: nothing to tell layouts apart by; batch-first stays
+        a, b = inputs[0:1], inputs[others[0]:others[0] + 1]
+        generator = torch.Generator(device="cpu").manual_seed(54321)  # not the estimator's: draws stay put
+        seen: dict[int, dict[str, tuple[list, list]]] = {}
+        vectors = None  # one output-gradient vector for a, one for b
+        for p in self.model.parameters():
+            p.requires_grad_(True)
+        try:
+            for x in (torch.cat([a, b, a]), torch.cat([b, a])):
+                with _Capture(self.layers) as capture, torch.enable_grad():
+                    capture.batch = x.shape[0]
+                    out = self.model(x)
+                    if vectors is None:
+                        vectors = torch.randn((2, *out.shape[1:]), generator=generator).to(out.device, out.dtype)
+                    order = [0, 1, 0] if x.shape[0] == 3 else [1, 0]
+                    flat = capture.flat_outputs()
+                    grads = torch.autograd.grad(out, flat, grad_outputs=vectors[order], allow_unused=True)
+                    grads = tuple(torch.zeros_like(o) if g is None else g.detach() for o, g in zip(flat, grads))
+                    split = capture.split(grads)
+                    seen[x.shape[0]] = {l.name: (capture.inputs[l.name], split[l.name]) for l in self.layers}
+        except Exception:  # noqa: BLE001 - the model does not run on these batches: layouts stay batch-first
+            return
+        finally:
+            for p in self.model.parameters():
+                p.requires_grad_(False)
+        moved = []
+        for layer in self.layers:
+            (x3, g3), (x2, g2) = seen[3][layer.name], seen[2][layer.name]
+            stride = _example_stride(layer, x3, g3, x2, g2)
+            if stride is False:
+                moved.append(layer)
+            else:
+                layer.example_stride = stride
+        for layer in moved:
+            self.layers.remove(layer)
+            self.fallback_names += layer.param_names
+            self.vmap_names += layer.param_names
 
     def _probe_round(self, x, out, vectors, reference, candidates) -> list:
         saved = self.diag_modules, self.vmap_names
