@@ -14,8 +14,8 @@ from torch import nn
 from app.artifacts.loaders import (ArtifactError, LoadedDataset, load_onnx, match_inputs, pack_inputs)
 from app.influence import AuditConfig, run_audit
 from tests.helpers import export_onnx
-from tests.zoo import (ResidualCNN, SharedBlockMLP, SharedKernelTwoDilations, TextClassifier, TiedTokenModel, TinyTransformer, distinct_weights,
-                       exported_learned_parameters)
+from tests.zoo import (ResidualCNN, SharedBlockMLP, SharedKernelTwoDilations, TextClassifier, TiedTokenModel,
+                       TinyTransformer, TorchEncoderClassifier, distinct_weights, exported_learned_parameters)
 
 
 def _mlp():
@@ -24,6 +24,13 @@ def _mlp():
 
 def _cnn():
     return nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 3))
+
+
+def _depthwise_groupnorm():
+    # GroupNorm reaches ONNX as Reshape -> InstanceNormalization (constant scale) -> Reshape -> Mul -> Add
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.SiLU(),
+                         nn.Conv2d(8, 8, 3, padding=1, groups=8), nn.GroupNorm(2, 8), nn.GELU(), nn.MaxPool2d(2),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 3))
 
 
 def _ids(n, length=12, vocab=50, seed=0):
@@ -41,8 +48,11 @@ SWEEP = {
     "mlp": (_mlp, lambda n: (torch.randn(n, 8),)),
     "cnn": (_cnn, lambda n: (torch.randn(n, 1, 8, 8),)),
     "residual-cnn-batchnorm": (lambda: ResidualCNN(classes=5, width=4), lambda n: (torch.randn(n, 3, 16, 16),)),
+    "cnn-depthwise-groupnorm": (_depthwise_groupnorm, lambda n: (torch.randn(n, 3, 8, 8),)),
     "text-classifier-token-ids": (TextClassifier, lambda n: (_ids(n),)),
     "transformer-two-inputs": (lambda: TinyTransformer(layers=2), lambda n: (_ids(n, 16, 64), _mask(n))),
+    # torch's own nn.TransformerEncoderLayer: its exported attention runs sequence-first
+    "text-torch-transformer-encoder": (TorchEncoderClassifier, lambda n: (_ids(n),)),
     # one weight read in two places: counted and audited once
     "mlp-block-applied-twice": (SharedBlockMLP, lambda n: (torch.randn(n, 8),)),
     "text-tied-embedding-output": (TiedTokenModel, lambda n: (_ids(n, 6, 20),)),
@@ -77,8 +87,9 @@ def test_every_learned_weight_of_every_architecture_is_audited(tmp_path, name, d
     # every parameter is in exactly one layer's treatment: the linear maps and convolutions (with any
     # BatchNorm folded into them) get EK-FAC, embeddings and normalisation weights the diagonal fallback
     assert sum(layer["num_parameters"] for layer in layers) == loaded.num_parameters
-    others = sum(p.numel() for m in model.modules() if isinstance(m, (nn.Embedding, nn.LayerNorm))
-                 or (isinstance(m, nn.BatchNorm2d) and not folded) for p in m.parameters(recurse=False))
+    others = sum(p.numel() for m in model.modules() if isinstance(m, (nn.Embedding, nn.LayerNorm, nn.GroupNorm))
+                 or (isinstance(m, nn.BatchNorm2d) and not folded) or (isinstance(m, nn.Conv2d) and m.groups > 1)
+                 for p in m.parameters(recurse=False))
     assert sum(layer["num_parameters"] for layer in layers if layer["treatment"] == "ekfac") == \
         loaded.num_parameters - others
 
@@ -207,3 +218,53 @@ def test_one_kernel_at_two_dilations_stays_two_operations_on_one_weight(tmp_path
     want = run_audit(model, inputs, labels, config).scores
     torch.testing.assert_close(run_audit(loaded.module, inputs, labels, config).scores, want,
                                rtol=1e-3, atol=1e-6 * float(want.abs().max()))
+
+
+@pytest.mark.parametrize("dynamo", [True, False], ids=["dynamo-external-data", "torchscript-exporter"])
+def test_torchs_transformer_encoder_gets_each_examples_own_gradient(tmp_path, dynamo):
+    """nn.TransformerEncoderLayer exports its attention sequence-first; each example's squared gradient
+    norm (the `identity` method, which uses the same per-layer capture as EK-FAC) through the converted
+    model equals the PyTorch model's, and its linear maps keep their EK-FAC blocks."""
+    build, batch = SWEEP["text-torch-transformer-encoder"]
+    torch.manual_seed(0)
+    model = distinct_weights(build())
+    path = export_onnx(model, batch(2), tmp_path / "m.onnx", dynamo=dynamo, external_data=dynamo)
+    loaded = load_onnx(path, {p.name: p for p in tmp_path.glob("*.data")})
+    (inputs,) = batch(20)
+    labels = torch.randint(0, 3, (20,), generator=torch.Generator().manual_seed(1))
+    want = run_audit(model, inputs, labels, AuditConfig(method="identity")).scores
+    got = run_audit(loaded.module, inputs, labels, AuditConfig(method="identity")).scores
+    torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-6 * float(want.abs().max()))
+    layers = run_audit(loaded.module, inputs, labels, AuditConfig(method="ekfac")).summary["estimator"]["layers"]
+    linear = sum(p.numel() for m in model.modules() if isinstance(m, nn.Linear) for p in m.parameters(recurse=False))
+    attention_in = sum(m.in_proj_weight.numel() + m.in_proj_bias.numel() for m in model.modules()
+                       if isinstance(m, nn.MultiheadAttention))
+    assert sum(layer["num_parameters"] for layer in layers if layer["treatment"] == "ekfac") == linear + attention_in
+
+
+@pytest.mark.parametrize("name", ["cnn-batchnorm", "mlp-batchnorm"])
+def test_untrained_equal_weights_that_the_torchscript_exporter_merged_stay_separate(tmp_path, name):
+    """The TorchScript exporter merges initializers with equal values (an untrained BatchNorm's unit
+    scale and running variance, the zero biases of BatchNorm-folded convolutions) behind Identity nodes;
+    the converted model must still compute the model's outputs (a merged running statistic used to be
+    read as a runtime input: wrong outputs from batch statistics, or a Conv that would not run)."""
+    torch.manual_seed(0)
+    if name == "cnn-batchnorm":
+        model = nn.Sequential(nn.Conv2d(3, 4, 3, bias=False), nn.BatchNorm2d(4), nn.ReLU(),
+                              nn.Conv2d(4, 4, 3, bias=False), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(),
+                              nn.Linear(4 * 4 * 4, 3)).eval()
+        inputs = torch.randn(6, 3, 8, 8)
+    else:
+        model = nn.Sequential(nn.Linear(5, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 8), nn.LayerNorm(8),
+                              nn.Linear(8, 3)).eval()
+        inputs = torch.randn(6, 5)
+    path = export_onnx(model, inputs[:2], tmp_path / "m.onnx", dynamo=False)
+    proto = onnx.load(str(path))
+    assert any(node.op_type == "Identity" for node in proto.graph.node)  # the merge this is about
+    loaded = load_onnx(path)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.module(inputs), model(inputs), rtol=1e-4, atol=1e-5)
+    folded = not any(node.op_type == "BatchNormalization" for node in proto.graph.node)
+    assert loaded.num_parameters == exported_learned_parameters(model, folded)
+    result = run_audit(loaded.module, inputs, torch.tensor([0, 1, 2, 0, 1, 2]), AuditConfig(method="ekfac"))
+    assert bool(torch.isfinite(result.scores).all())

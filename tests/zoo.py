@@ -104,6 +104,25 @@ class TinyTransformer(nn.Module):
         return self.head(pooled)
 
 
+class TorchEncoderClassifier(nn.Module):
+    """A text classifier built from torch's own nn.TransformerEncoderLayer (batch_first, GELU, dropout,
+    nested tensors off): exported, its attention projections run sequence-first, on (L, B, d) and
+    (L*B, d) rows, not batch-first. forward(input_ids): one int64 graph input."""
+
+    def __init__(self, vocab: int = 50, length: int = 12, dim: int = 16, heads: int = 2, layers: int = 1,
+                 classes: int = 3):
+        super().__init__()
+        self.tokens, self.positions = nn.Embedding(vocab, dim), nn.Embedding(length, dim)
+        layer = nn.TransformerEncoderLayer(dim, heads, 2 * dim, dropout=0.1, activation="gelu", batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.head = nn.Linear(dim, classes)
+        self.register_buffer("index", torch.arange(length))
+
+    def forward(self, input_ids):
+        h = self.encoder(self.tokens(input_ids) + self.positions(self.index))
+        return self.head(h.mean(1))
+
+
 class _EncoderBlock(nn.Module):
     def __init__(self, dim: int, heads: int):
         super().__init__()

@@ -256,6 +256,51 @@ def _drop_inference_batchnorm_mode(proto) -> None:
                 node.attribute.remove(attribute)
 
 
+def _split_merged_initializers(proto) -> None:
+    """The TorchScript exporter merges initializers with equal values (the zero biases and unit scales
+    of an untrained BatchNorm, its running statistics, BatchNorm-folded convolution biases) into one,
+    which the other readers reach through `Identity` nodes. onnx2pytorch then takes such a weight for
+    a runtime input: a Conv with three inputs fails to run, and a BatchNormalization whose statistics
+    are not initializers normalises with the batch's own statistics (wrong outputs, silently). Each
+    Identity of an initializer becomes an initializer of its own, a copy: these were separate weights
+    of the model that happened to be equal (a weight the model really shares is one initializer that
+    several nodes read, which this leaves alone)."""
+    graph = proto.graph
+    outputs = {o.name for o in graph.output}
+    initializers = {t.name: t for t in graph.initializer}
+    changed = True
+    while changed:  # Identity of Identity of an initializer
+        changed = False
+        for node in list(graph.node):
+            if (node.op_type == "Identity" and node.domain in ("", "ai.onnx") and len(node.input) == 1
+                    and len(node.output) == 1 and node.input[0] in initializers
+                    and node.output[0] not in initializers and node.output[0] not in outputs):
+                copy_ = graph.initializer.add()
+                copy_.CopyFrom(initializers[node.input[0]])
+                copy_.name = node.output[0]
+                initializers[copy_.name] = copy_
+                graph.node.remove(node)
+                changed = True
+
+
+def _constant_normalisation_inputs_as_initializers(proto) -> None:
+    """The TorchScript exporter gives GroupNorm's InstanceNormalization its unit scale and zero shift as
+    Constant nodes; onnx2pytorch then builds a lazy module that writes them into its parameters on every
+    forward pass (`.data = ...`, which torch.func refuses, and an uninitialised parameter until the first
+    call). As initializers they are read once, at conversion, as the dynamo exporter writes them."""
+    graph = proto.graph
+    initializers = {t.name for t in graph.initializer}
+    wanted = {name for node in graph.node if node.op_type == "InstanceNormalization" for name in node.input[1:3]}
+    for node in list(graph.node):
+        if (node.op_type == "Constant" and len(node.output) == 1 and node.output[0] in wanted
+                and node.output[0] not in initializers and len(node.attribute) == 1
+                and node.attribute[0].name == "value"):
+            tensor = graph.initializer.add()
+            tensor.CopyFrom(node.attribute[0].t)
+            tensor.name = node.output[0]
+            graph.node.remove(node)
+
+
 def _dotless_submodule_names(module: nn.Module) -> None:
     """onnx2pytorch names submodules after ONNX nodes, which the TorchScript exporter writes as paths
     such as `/features/features.0/Gemm`; a dot inside a submodule's name breaks every dotted-path
@@ -295,9 +340,27 @@ def _learned_initializers_as_parameters(module: nn.Module, proto) -> None:
         node = producer.get(name)
         return node if node is not None and node.op_type == op_type else None
 
+    readers: dict[str, list] = {}
+    for node in proto.graph.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
+    # GroupNorm as both exporters write it: Reshape -> InstanceNormalization with a constant unit scale
+    # and zero shift -> Reshape -> Mul(gamma) -> Add(beta). gamma and beta are the weights; the
+    # InstanceNormalization's scale and shift are constants.
+    group_norms = {node.output[0] for node in proto.graph.node
+                   if node.op_type == "InstanceNormalization" and made_by(node.input[0], "Reshape") is not None
+                   and [r.op_type for r in readers.get(node.output[0], [])] == ["Reshape"]}
+    regrouped = {r.output[0] for name in group_norms for r in readers[name]}  # the Reshapes after them
+
     scale_nodes = set()  # ids of Mul nodes that scale a normalised tensor
     for node in proto.graph.node:
         positions = _LEARNED_INPUTS.get(node.op_type, ())
+        if node.op_type == "InstanceNormalization" and node.output and node.output[0] in group_norms:
+            positions = ()
+            wrapper = module._modules.get(module.mapping.get(node.output[0], ""))
+            for norm in (wrapper.modules() if wrapper is not None else ()):
+                for attr in [a for a, p in norm._parameters.items() if p is not None]:
+                    norm.register_buffer(attr, norm._parameters.pop(attr).detach())
         if node.op_type == "Gather" and node.output and node.output[0] in lookups:
             positions = (0,)  # an embedding table (nn.Embedding); only float initializers are promoted
         # LayerNorm written out as elementwise ops (opsets before LayerNormalization):
@@ -309,7 +372,8 @@ def _learned_initializers_as_parameters(module: nn.Module, proto) -> None:
             if len(tensors) == 1 and len(others) == 1:
                 if node.op_type == "Mul":
                     div = made_by(others[0], "Div")
-                    if div is not None and len(div.input) == 2 and made_by(div.input[1], "Sqrt") is not None:
+                    if (div is not None and len(div.input) == 2 and made_by(div.input[1], "Sqrt") is not None) \
+                            or others[0] in regrouped:
                         positions = tuple(tensors)
                         scale_nodes.add(id(node))
                 elif id(producer.get(others[0])) in scale_nodes:
@@ -669,6 +733,8 @@ def load_onnx(path: Path, external: dict[str, Path] | None = None) -> LoadedMode
         raise ArtifactError("invalid-onnx", f"the ONNX model failed validation: {exc}") from exc
     specs = _graph_input_specs(proto)
     refuse_data_dependent_sizes(proto.graph)  # before anything runs: a smoke test's inputs would not trip it
+    _split_merged_initializers(proto)
+    _constant_normalisation_inputs_as_initializers(proto)
     _drop_inference_batchnorm_mode(proto)
     try:
         with warnings.catch_warnings():
@@ -676,13 +742,18 @@ def load_onnx(path: Path, external: dict[str, Path] | None = None) -> LoadedMode
             module = ConvertModel(proto, experimental=True)
     except Exception as exc:
         raise ArtifactError("unsupported-onnx", f"the ONNX model could not be converted to PyTorch modules: {exc}") from exc
-    _dotless_submodule_names(module)
-    _learned_initializers_as_parameters(module, proto)
-    _shared_weights_tied(module, proto)
-    if len(specs) > 1 or specs[0]["dtype"] not in ("float32", "int64"):
-        module = GraphInputs(module, specs)
-    module.eval()
-    num_parameters = _check_parameters(module)
+    try:
+        _dotless_submodule_names(module)
+        _learned_initializers_as_parameters(module, proto)
+        _shared_weights_tied(module, proto)
+        if len(specs) > 1 or specs[0]["dtype"] not in ("float32", "int64"):
+            module = GraphInputs(module, specs)
+        module.eval()
+        num_parameters = _check_parameters(module)
+    except ArtifactError:
+        raise
+    except Exception as exc:  # e.g. a converted module whose weights exist only once it runs (lazy modules)
+        raise ArtifactError("unsupported-onnx", f"the ONNX model's converted weights could not be read: {exc}") from exc
     num_outputs = _smoke_test(module, specs)
     return LoadedModel(module, "onnx", num_parameters, list(specs[0]["shape"]), num_outputs, inputs=specs)
 
