@@ -724,3 +724,35 @@ def test_a_sequence_first_layout_gets_each_examples_own_gradient():
     _, exact_s = exact_scores(model, x, y, 1e-2)
     s = fit("ekfac", model, x, y, damping=1e-2, fisher_samples=0).self_influence(x, y)
     assert spearmanr(s.numpy(), exact_s.numpy()).statistic > 0.5
+
+
+class _GRUClassifier(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.rnn = nn.GRU(4, 6, batch_first=True)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x):
+        out, _ = self.rnn(x)
+        return self.head(out[:, -1])
+
+
+def test_a_model_that_torch_func_cannot_vmap_gets_its_gradients_one_example_at_a_time():
+    """torch's GRU fails under vmap (its hidden state's shape); its per-example gradients then come one
+    example at a time: the squared gradient norms equal a plain autograd loop's, and every estimator
+    and the exact solve run."""
+    torch.manual_seed(0)
+    model = _GRUClassifier().eval()
+    x, y = torch.randn(10, 5, 4), torch.randint(0, 3, (10,))
+    expected = []
+    for i in range(10):
+        model.zero_grad()
+        nn.functional.cross_entropy(model(x[i : i + 1]), y[i : i + 1]).backward()
+        expected.append(sum(float(p.grad.double().pow(2).sum()) for p in model.parameters()))
+    model.requires_grad_(False)
+    got = fit("identity", model, x, y).self_influence(x, y)
+    torch.testing.assert_close(got, torch.tensor(expected, dtype=torch.float64), rtol=1e-4, atol=1e-7)
+    _, exact_s = exact_scores(model, x, y, 1e-2)
+    s = fit("ekfac", model, x, y, damping=1e-2, fisher_samples=0).self_influence(x, y)
+    assert torch.isfinite(exact_s).all() and torch.isfinite(s).all()
+    assert spearmanr(s.numpy(), exact_s.numpy()).statistic > 0.5

@@ -53,6 +53,22 @@ def outputs_fn(model: nn.Module) -> Callable[[ParamDict, torch.Tensor], torch.Te
     return single
 
 
+def map_examples(fn: Callable, in_dims: tuple, *args):
+    """vmap(fn, in_dims)(*args) over the examples (axis 0 of the mapped arguments). Some kernels have no
+    batching rule that works (torch's GRU under vmap fails on its hidden state's shape): then fn runs on
+    one example at a time, which gives the same values, more slowly. Results: a tensor or a dict of them."""
+    try:
+        return vmap(fn, in_dims=in_dims)(*args)
+    except torch.OutOfMemoryError:
+        raise
+    except RuntimeError:
+        count = next(a.shape[0] for a, d in zip(args, in_dims) if d == 0)
+        rows = [fn(*[a[i] if d == 0 else a for a, d in zip(args, in_dims)]) for i in range(count)]
+        if isinstance(rows[0], dict):
+            return {k: torch.stack([r[k] for r in rows]) for k in rows[0]}
+        return torch.stack(rows)
+
+
 def per_example_loss_grads(model: nn.Module, params: ParamDict, loss, inputs, targets) -> torch.Tensor:
     """(B, P) gradients of each example's own loss at `params`."""
     single = outputs_fn(model)
@@ -60,13 +76,13 @@ def per_example_loss_grads(model: nn.Module, params: ParamDict, loss, inputs, ta
     def example_loss(p, x, y):
         return loss.loss(single(p, x).unsqueeze(0), y.unsqueeze(0)).sum()
 
-    grads = vmap(grad(example_loss), in_dims=(None, 0, 0))(params, inputs, targets)
+    grads = map_examples(grad(example_loss), (None, 0, 0), params, inputs, targets)
     return flatten(grads, batch_dims=1)
 
 
 def per_example_jacobians(model: nn.Module, params: ParamDict, inputs: torch.Tensor) -> torch.Tensor:
     """(B, C, P) Jacobians of each example's outputs with respect to the parameters."""
-    jac = vmap(jacrev(outputs_fn(model)), in_dims=(None, 0))(params, inputs)
+    jac = map_examples(jacrev(outputs_fn(model)), (None, 0), params, inputs)
     return flatten(jac, batch_dims=2)
 
 

@@ -52,7 +52,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .base import EngineError, Estimator, FittedCurvature, Partial
-from .functional import flatten
+from .functional import flatten, map_examples
 
 CHUNK_ELEMENTS = 1 << 24  # cap on B x d_out x d_in floats formed at once for multi-position layers
 
@@ -1136,7 +1136,7 @@ class KroneckerEstimator(Estimator):
         """Per-example gradients (B, numel) of <f(x_n), v_n> for the named parameters, by torch.func."""
         if not names:
             return {}
-        from torch.func import functional_call, grad, vmap
+        from torch.func import functional_call, grad
 
         frozen = {k: v for k, v in self.params.items() if k not in names}
         free = {k: self.params[k] for k in names}
@@ -1145,7 +1145,7 @@ class KroneckerEstimator(Estimator):
             out = functional_call(self.model, {**frozen, **p}, (x.unsqueeze(0),))
             return (out.reshape(-1) * v).sum()
 
-        grads = vmap(grad(example_value), in_dims=(None, 0, 0))(free, inputs, vectors.detach())
+        grads = map_examples(grad(example_value), (None, 0, 0), free, inputs, vectors.detach())
         return {k: g.reshape(g.shape[0], -1) for k, g in grads.items()}
 
     def _fallback_grads(self, inputs, vectors) -> torch.Tensor | None:
