@@ -19,7 +19,7 @@ parser.add_argument("--kinds", nargs="+", default=["residual-cnn", "cnn", "trans
 parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
 parser.add_argument("--noise", nargs="+", default=["symmetric", "pairs"])
 parser.add_argument("--budgets", nargs="+", default=["15x64", "6x64", "6x128", "4x128"],
-                    help="EPOCHSxBATCH of a fold's training")
+                    help="EPOCHSxBATCH[xLR[xSHRINK]] of a fold's training (defaults: lr 1e-3, shrink 0.5)")
 args = parser.parse_args()
 print(f"# {' '.join(sys.argv)}\n# torch {torch.__version__}, {torch.get_num_threads()} threads", flush=True)
 out = {}
@@ -40,11 +40,15 @@ for name in args.kinds:
                 audited, inputs, labels = model, torch.from_numpy(xs[0]), torch.from_numpy(y_noisy)
             row = {}
             for budget in args.budgets:
-                epochs, batch = map(int, budget.split("x"))
-                config = AuditConfig(method="folds", seed=seed, weight_decay=kind["weight_decay"], fold_epochs=epochs)
+                parts = budget.split("x")
+                epochs, batch = int(parts[0]), int(parts[1])
+                lr = float(parts[2]) if len(parts) > 2 else 1e-3
+                shrink = float(parts[3]) if len(parts) > 3 else 0.5
+                config = AuditConfig(method="folds", seed=seed, weight_decay=kind["weight_decay"], fold_epochs=epochs,
+                                     fold_shrink=shrink)
                 t0 = time.perf_counter()
                 setup = set_up_fold_audit(copy.deepcopy(audited), inputs, labels, config)
-                setup.settings = dataclasses.replace(setup.settings, batch_size=batch)
+                setup.settings = dataclasses.replace(setup.settings, batch_size=batch, learning_rate=lr)
                 outcomes = [unlearn_one_fold(setup, inputs, labels, f) for f in range(config.folds)]
                 result = conclude_fold_audit(config, setup, inputs, labels, outcomes, {}, t0)
                 seconds = time.perf_counter() - t0
@@ -57,6 +61,9 @@ for name in args.kinds:
                                    (f"{budget} cost/train", seconds / train_s)):
                     out.setdefault((name, noise, key), []).append(value)
                     row[key] = round(value, 3)
+                row[f"{budget} best epochs"] = [f["best_epoch"] for f in result.summary["out_of_sample"]["per_fold"]]
+                row[f"{budget} held-back loss"] = round(float(np.mean([min(f["held_back_losses"]) for f in
+                                                                     result.summary["out_of_sample"]["per_fold"]])), 3)
             print(name, noise, seed, f"train {train_s:.1f}s", row, flush=True)
 for (name, noise, key), values in out.items():
     print(f"{name:13s} {noise:9s} {key:22s} {np.mean(values):.3f}")
