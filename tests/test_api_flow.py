@@ -179,6 +179,34 @@ def test_transformer_on_token_ids_with_a_padding_mask_uploads_and_audits(client,
         assert not [a for a in recent if a["dataset_id"] == d["id"]]
 
 
+def test_a_one_logit_binary_classifier_is_audited_and_refuses_more_classes(client, service, tmp_path):
+    """A BCEWithLogits model exported with one output: the record says 1 output, a dataset with labels
+    0 and 1 audits (the summary says how the logit was read), one with a third class is a 422."""
+    inputs, labels = synthetic_classification(n=300, features=6, classes=2, seed=3)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+    optimiser = torch.optim.Adam(model.parameters(), lr=0.05)
+    x, y = torch.from_numpy(inputs), torch.from_numpy(labels).float()
+    for _ in range(150):
+        optimiser.zero_grad()
+        torch.nn.functional.binary_cross_entropy_with_logits(model(x).squeeze(1), y).backward()
+        optimiser.step()
+    m = upload_model(client, export_onnx(model.eval(), x[:4], tmp_path / "binary.onnx")).json()
+    assert m["num_outputs"] == 1 and m["num_parameters"] == 65
+    d = upload_dataset(client, npz_bytes(inputs=inputs, labels=labels)).json()
+    r = client.post("/v1/audits", json={"model_id": m["id"], "dataset_id": d["id"], "method": "ekfac"})
+    assert r.status_code == 202, r.text
+    body, _ = wait_for_audit(client, r.json()["id"], timeout=120)
+    assert body["status"] == "succeeded", body
+    assert "binary classifier" in body["summary"]["model_output"]
+    assert body["summary"]["num_examples"] == 300
+    three = upload_dataset(client, npz_bytes(inputs=inputs[:3], labels=np.array([0, 1, 2]))).json()
+    problem = assert_problem(client.post("/v1/audits", json={"model_id": m["id"], "dataset_id": three["id"],
+                                                             "method": "ekfac"}), 422,
+                             "model-dataset-mismatch")
+    assert "binary" in problem["detail"]
+
+
 def test_unknown_ids_and_bad_requests(client, trained):
     missing = "00000000-0000-4000-8000-000000000000"
     assert_problem(client.get(f"/v1/audits/{missing}"), 404, "not-found")
@@ -191,6 +219,9 @@ def test_unknown_ids_and_bad_requests(client, trained):
     d = upload_dataset(client, npz_bytes(inputs=np.zeros((4, 7), np.float32), labels=np.zeros(4, np.int64))).json()
     assert_problem(client.post("/v1/audits", json={"model_id": m["id"], "dataset_id": d["id"]}), 422,
                    "model-dataset-mismatch")
+    five = upload_dataset(client, npz_bytes(inputs=np.zeros((4, 6), np.float32), labels=np.array([0, 1, 2, 4]))).json()
+    assert_problem(client.post("/v1/audits", json={"model_id": m["id"], "dataset_id": five["id"], "method": "ekfac"}),
+                   422, "model-dataset-mismatch")  # labels up to 4, three outputs: refused before it queues
     d_ok = upload_dataset(client, npz_bytes(inputs=np.zeros((4, 6), np.float32), labels=np.zeros(4, np.int64))).json()
     assert_problem(client.post("/v1/audits", json={"model_id": m["id"], "dataset_id": d_ok["id"], "method": "magic"}),
                    422, "unknown-method")

@@ -38,6 +38,7 @@ from app.core.storage import ArtifactStore
 from app.core.timeutil import as_utc, utcnow
 from app.influence import AuditConfig, AuditResult, EngineError, FittedCurvature, run_audit
 from app.influence import shards as sharding
+from app.influence.adapters import SingleLogitAsTwoClasses
 from app.influence.audit import set_up_audit, set_up_fold_audit
 from app.influence.attribution import run_attribution
 
@@ -513,6 +514,9 @@ def _audit_attempt(audit_id: uuid.UUID, token: str, settings: Settings, factory:
                                    curvature=stored[1] if stored else None)
                 if not_sharded is not None:
                     result.summary["shards"] = {"num_shards": 1, "not_sharded": not_sharded}
+            if isinstance(model, SingleLogitAsTwoClasses):
+                result.summary["model_output"] = ("one logit, read as a binary classifier: p(label 1) = sigmoid(logit), "
+                                                  "audited as the two-class softmax over [0, logit] that equals it")
             progress("saving", 1.0)
             curvature_sha = None
             if result.curvature is not None and key is not None:

@@ -25,6 +25,8 @@ import torch
 from pydantic import ValidationError
 from torch import nn
 
+from app.influence.adapters import SingleLogitAsTwoClasses
+
 from .architectures import architecture_adapter
 
 MODEL_FORMATS = ("onnx", "safetensors")
@@ -837,10 +839,16 @@ def load_model(path: Path, fmt: str, architecture: dict | str | None = None,
     if external and fmt != "onnx":
         raise ArtifactError("external-data-not-onnx", "external_data parts belong to an ONNX model only")
     if fmt == "onnx":
-        return load_onnx(path, external)
-    if fmt == "safetensors":
-        return load_safetensors(path, architecture)
-    raise ArtifactError("unsupported-model-format", f"unknown model format {fmt!r}", status=415)
+        loaded = load_onnx(path, external)
+    elif fmt == "safetensors":
+        loaded = load_safetensors(path, architecture)
+    else:
+        raise ArtifactError("unsupported-model-format", f"unknown model format {fmt!r}", status=415)
+    if loaded.num_outputs == 1:
+        # one logit: a binary classifier (sigmoid), audited as the two-class softmax it equals. The
+        # record keeps saying 1 output; labels must be 0 and 1 (check_fit).
+        loaded.module = SingleLogitAsTwoClasses(loaded.module).eval()
+    return loaded
 
 
 # --------------------------------------------------------------------------------------- datasets
@@ -1242,10 +1250,19 @@ def pack_inputs(dataset: LoadedDataset, model_inputs: list[dict]) -> np.ndarray:
 def check_fit(model: LoadedModel, dataset: LoadedDataset) -> None:
     """The model's inputs and output size must fit the dataset (checked when an audit is created)."""
     match_inputs(model.inputs, dataset.input_specs)
-    if model.num_outputs < dataset.num_classes:
+    check_classes(model.num_outputs, dataset.num_classes)
+
+
+def check_classes(num_outputs: int, num_classes: int, what: str = "dataset") -> None:
+    """The model's outputs must cover the labels: one per class, or one logit for labels 0 and 1."""
+    if num_outputs == 1 and num_classes > 2:
         raise ArtifactError("model-dataset-mismatch",
-                            f"the dataset has labels up to {dataset.num_classes - 1} but the model has only "
-                            f"{model.num_outputs} outputs")
+                            f"the model has one output, which is read as a binary classifier (the sigmoid of "
+                            f"its logit, labels 0 and 1), but the {what} has labels up to {num_classes - 1}")
+    if 1 < num_outputs < num_classes:
+        raise ArtifactError("model-dataset-mismatch",
+                            f"the {what} has labels up to {num_classes - 1} but the model has only "
+                            f"{num_outputs} outputs")
 
 
 # ------------------------------------------------------------------------------- reading some rows

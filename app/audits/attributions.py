@@ -52,9 +52,7 @@ def create_attribution(*, session: Session, store: ArtifactStore, settings: Sett
                 raise loaders.ArtifactError("too-many-queries", f"{queries.num_examples} query examples; at most "
                                             f"{MAX_QUERIES} per attribution")
             loaders.match_inputs(model_inputs(model), queries.input_specs)
-            if queries.num_classes > model.num_outputs:
-                raise loaders.ArtifactError("model-dataset-mismatch", f"the queries have labels up to "
-                                            f"{queries.num_classes - 1} but the model has {model.num_outputs} outputs")
+            loaders.check_classes(model.num_outputs, queries.num_classes, "queries")
             store.commit(path, sha)
     except loaders.ArtifactError as exc:
         raise _problem(exc) from exc

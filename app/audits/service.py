@@ -70,8 +70,9 @@ def create_audit(*, session: Session, tenant_id: str, request: AuditCreate) -> A
     if request.method not in available_methods():
         raise ProblemError(422, "unknown-method",
                            f"unknown method {request.method!r}; available: {', '.join(available_methods())}")
-    try:  # names, shapes, dtypes and id ranges, from what both uploads recorded
+    try:  # names, shapes, dtypes and id ranges, and the classes, from what both uploads recorded
         loaders.match_inputs(model_inputs(model), dataset_inputs(dataset))
+        loaders.check_classes(model.num_outputs, dataset.num_classes)
     except loaders.ArtifactError as exc:
         raise ProblemError(exc.status, exc.slug, exc.detail) from exc
     settings = get_settings()

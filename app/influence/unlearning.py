@@ -74,6 +74,11 @@ def output_layer(model: nn.Module, example: torch.Tensor) -> tuple[str, nn.Modul
     the model returns it, or a view of it such as a flattened 1x1 convolution), called once in the
     forward pass. None otherwise (a head tied to an embedding table, logits scaled or normalised after
     the last layer, a custom op): resetting some other layer would not give a fresh head."""
+    from .adapters import SingleLogitAsTwoClasses
+
+    if isinstance(model, SingleLogitAsTwoClasses):  # its logits [0, z]: the head is the one that makes z
+        found = output_layer(model.inner, example)
+        return (f"inner.{found[0]}" if found[0] else "inner", found[1]) if found is not None else None
     runs: list[tuple[str, nn.Module, torch.Tensor]] = []
     names = {id(m): name for name, m in model.named_modules()}
     hooks = [m.register_forward_hook(lambda mod, _inp, out: runs.append((names[id(mod)], mod, out)))
