@@ -268,3 +268,27 @@ def test_untrained_equal_weights_that_the_torchscript_exporter_merged_stay_separ
     assert loaded.num_parameters == exported_learned_parameters(model, folded)
     result = run_audit(loaded.module, inputs, torch.tensor([0, 1, 2, 0, 1, 2]), AuditConfig(method="ekfac"))
     assert bool(torch.isfinite(result.scores).all())
+
+
+def test_a_conversion_that_computes_another_model_is_refused(tmp_path, monkeypatch):
+    """ONNX Runtime runs the uploaded graph as the standard defines it; converted logits that differ are
+    a 422 onnx-conversion-mismatch, not an audit of another model. Shown with the merged-BatchNorm
+    rewrite switched off (the converter then normalises with batch statistics) and with a converted
+    weight changed after the fact."""
+    import app.artifacts.loaders as loaders
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3)).eval()
+    path = export_onnx(model, torch.randn(2, 5), tmp_path / "m.onnx", dynamo=False)
+    loaded = load_onnx(path)  # the real pipeline: faithful, so the check passes
+    proto = onnx.load(str(path))
+    loaders._check_against_onnx_runtime(proto.SerializeToString(), loaded.module, loaded.inputs)
+    with torch.no_grad():
+        next(loaded.module.parameters()).mul_(1.01)
+    with pytest.raises(ArtifactError) as changed:
+        loaders._check_against_onnx_runtime(proto.SerializeToString(), loaded.module, loaded.inputs)
+    assert changed.value.slug == "onnx-conversion-mismatch"
+    monkeypatch.setattr(loaders, "_split_merged_initializers", lambda proto: None)
+    with pytest.raises(ArtifactError) as unfaithful:
+        load_onnx(path)
+    assert unfaithful.value.slug == "onnx-conversion-mismatch", unfaithful.value.detail

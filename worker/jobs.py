@@ -475,7 +475,7 @@ def _load_training_set(store: ArtifactStore, model_row: ModelArtifact, dataset_r
     """A job's model (converted again from its stored bytes) and training set, the inputs packed as the
     model takes them (checked at creation from the records; checked again here on the arrays)."""
     loaded = loaders.load_model(store.path_for(model_row.sha256), model_row.format, model_row.architecture,
-                                external_paths(store, model_row))
+                                external_paths(store, model_row), check_reference=False)  # checked at upload
     dataset = loaders.load_dataset(store.path_for(dataset_row.sha256), dataset_row.format, dataset_limits(settings))
     return loaded, dataset, loaders.pack_inputs(dataset, loaded.inputs)
 

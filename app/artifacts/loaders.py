@@ -188,6 +188,12 @@ class GraphInputs(nn.Module):
 def _example_batch(specs: list[dict], batch: int, generator: torch.Generator | None = None) -> torch.Tensor:
     """A batch the model must accept: zeros (or seeded normal values) for float inputs; for integer inputs
     id 1 where the vocabulary allows it (an all-zero attention mask would mask every position)."""
+    parts = _example_parts(specs, batch, generator)
+    dtype = getattr(torch, packed_dtype(specs))
+    return parts[0].to(dtype) if len(parts) == 1 else torch.cat([part.to(dtype) for part in parts], dim=1)
+
+
+def _example_parts(specs: list[dict], batch: int, generator: torch.Generator | None = None) -> list[torch.Tensor]:
     parts = []
     for spec in specs:
         shape = (batch, math.prod(spec["shape"])) if len(specs) > 1 else (batch, *spec["shape"])
@@ -196,8 +202,62 @@ def _example_batch(specs: list[dict], batch: int, generator: torch.Generator | N
         else:
             fill = 1 if spec.get("vocab_size") is None or spec["vocab_size"] > 1 else 0
             parts.append(torch.full(shape, fill, dtype=torch.int64))
+    return parts
+
+
+# Models up to this size are also run by ONNX Runtime, as a reference for the conversion (a larger one
+# would hold its weights three times over in the validator's memory budget).
+REFERENCE_CHECK_BYTES = 512 * 2**20
+
+
+def _check_against_onnx_runtime(model_bytes: bytes | None, module: nn.Module, specs: list[dict]) -> None:
+    """onnx2pytorch rebuilds the graph from modules of its own, and a pattern it gets wrong gives wrong
+    outputs without an error (an untrained BatchNorm whose statistics the exporter merged normalised with
+    the batch's own statistics: logits off by 0.8). So the converted model's logits on a seeded random
+    batch are compared with ONNX Runtime's, which executes the graph as the ONNX standard defines it; a
+    difference beyond float32 rounding is a 422. A graph ONNX Runtime cannot run (an operator or opset
+    it lacks) is not refused for that: the smoke test alone then vouches for it."""
+    if model_bytes is None:
+        return
+    try:
+        import onnxruntime
+    except ImportError:  # an install without it: the smoke test alone
+        return
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = options.inter_op_num_threads = 1
+    options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_DISABLE_ALL  # the graph as written
+    options.log_severity_level = 4
+    # exact allocations, freed when done: an arena that grows by doubling would need far more than the
+    # graph itself under the validator's memory limit
+    options.enable_cpu_mem_arena = False
+    options.enable_mem_pattern = False
+    parts = _example_parts(specs, 3, torch.Generator().manual_seed(7))
+    feeds = {spec["name"]: part.reshape(3, *spec["shape"]).numpy().astype(spec["dtype"])
+             for spec, part in zip(specs, parts)}
+    try:
+        session = onnxruntime.InferenceSession(model_bytes, options, providers=["CPUExecutionProvider"])
+        if sorted(i.name for i in session.get_inputs()) != sorted(feeds):
+            return
+        reference = torch.from_numpy(np.asarray(session.run(None, feeds)[0], dtype=np.float64))
+    except Exception:  # noqa: BLE001 - no reference to compare with
+        return
     dtype = getattr(torch, packed_dtype(specs))
-    return parts[0].to(dtype) if len(parts) == 1 else torch.cat([part.to(dtype) for part in parts], dim=1)
+    packed = parts[0].to(dtype) if len(parts) == 1 else torch.cat([p.to(dtype) for p in parts], dim=1)
+    with torch.no_grad():
+        converted = module(packed).double()
+    if converted.shape != reference.shape:
+        raise ArtifactError("onnx-conversion-mismatch",
+                            f"the converted model returns shape {tuple(converted.shape)} where ONNX Runtime returns "
+                            f"{tuple(reference.shape)} for the same inputs; this graph is not converted faithfully")
+    if not bool(torch.isfinite(reference).all()):
+        return
+    scale = float(reference.abs().max())
+    difference = float((converted - reference).abs().max())
+    if not difference <= 1e-3 * scale + 1e-4:  # float32 rounding of two kernels, with a wide margin
+        raise ArtifactError("onnx-conversion-mismatch",
+                            f"the converted model's logits differ from ONNX Runtime's by up to {difference:.3g} "
+                            f"(largest logit {scale:.3g}) on the same random inputs: this graph pattern is not converted "
+                            "faithfully, and auditing it would audit another model")
 
 
 def _smoke_test(module: nn.Module, specs: list[dict]) -> int:
@@ -716,8 +776,10 @@ def refuse_data_dependent_sizes(graph) -> None:
     _tainted_walk(graph, {i.name for i in graph.input if i.name not in weights})
 
 
-def load_onnx(path: Path, external: dict[str, Path] | None = None) -> LoadedModel:
-    """An ONNX model, with its external-data files (`external`: bare file name -> stored path) if any."""
+def load_onnx(path: Path, external: dict[str, Path] | None = None, check_reference: bool = True) -> LoadedModel:
+    """An ONNX model, with its external-data files (`external`: bare file name -> stored path) if any.
+    check_reference=False skips the comparison with ONNX Runtime (a job converting stored bytes that
+    passed it at upload)."""
     import onnx
     from onnx2pytorch import ConvertModel
 
@@ -726,6 +788,8 @@ def load_onnx(path: Path, external: dict[str, Path] | None = None) -> LoadedMode
     except Exception as exc:
         raise ArtifactError("invalid-onnx", f"the file is not a valid ONNX model: {exc}") from exc
     _inline_external_data(_external_references(proto, external or {}))
+    # the graph as uploaded, for the reference run (before the rewrites below, which it also checks)
+    reference = proto.SerializeToString() if check_reference and proto.ByteSize() <= REFERENCE_CHECK_BYTES else None
     try:
         # The checker serialises the proto, which protobuf caps at 2 GB: a model that only fits with
         # external data is checked by its conversion and smoke test alone.
@@ -757,6 +821,8 @@ def load_onnx(path: Path, external: dict[str, Path] | None = None) -> LoadedMode
     except Exception as exc:  # e.g. a converted module whose weights exist only once it runs (lazy modules)
         raise ArtifactError("unsupported-onnx", f"the ONNX model's converted weights could not be read: {exc}") from exc
     num_outputs = _smoke_test(module, specs)
+    _check_against_onnx_runtime(reference, module, specs)
+    del reference
     return LoadedModel(module, "onnx", num_parameters, list(specs[0]["shape"]), num_outputs, inputs=specs)
 
 
@@ -835,11 +901,11 @@ def load_safetensors(path: Path, architecture: dict | str | None) -> LoadedModel
 
 
 def load_model(path: Path, fmt: str, architecture: dict | str | None = None,
-               external: dict[str, Path] | None = None) -> LoadedModel:
+               external: dict[str, Path] | None = None, check_reference: bool = True) -> LoadedModel:
     if external and fmt != "onnx":
         raise ArtifactError("external-data-not-onnx", "external_data parts belong to an ONNX model only")
     if fmt == "onnx":
-        loaded = load_onnx(path, external)
+        loaded = load_onnx(path, external, check_reference)
     elif fmt == "safetensors":
         loaded = load_safetensors(path, architecture)
     else:

@@ -29,6 +29,11 @@ def _preload() -> None:
     import onnx2pytorch  # noqa: F401
     import safetensors.torch  # noqa: F401
 
+    try:
+        import onnxruntime  # noqa: F401  the conversion's reference run
+    except ImportError:
+        pass
+
 
 def _validate(reply: socket.socket, request: dict) -> int:
     """In the forked child: limit memory, convert and smoke-test, answer. Returns the exit code."""
