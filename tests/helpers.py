@@ -66,6 +66,21 @@ def quick_mlp(inputs: np.ndarray, labels: np.ndarray, hidden: int = 8, outputs: 
     return model.eval()
 
 
+def overflowing_mlp(path: Path) -> Path:
+    """safetensors of the built-in MLP 5-4-3 (architecture {"type": "mlp", "input_size": 5, "hidden_sizes":
+    [4], "num_classes": 3}) with weights of 1e30 and zero biases: finite outputs on zero inputs (the
+    upload's smoke test), inf and NaN on any real input. An audit of it can only fail when it runs."""
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 4), nn.ReLU(), nn.Linear(4, 3))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(p * 1e30 if p.dim() == 2 else torch.zeros_like(p))
+    save_file(model.state_dict(), str(path))
+    return path
+
+
 def upload_model(client: httpx.Client, path: Path, **form) -> httpx.Response:
     with open(path, "rb") as f:
         return client.post("/v1/models", files={"file": (path.name, f, "application/octet-stream")}, data=form)

@@ -13,8 +13,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from tests.helpers import (all_pages, assert_problem, export_onnx, npz_bytes, quick_mlp, synthetic_classification,
-                           upload_dataset, upload_model, wait_for_audit)
+from tests.helpers import (all_pages, assert_problem, export_onnx, npz_bytes, overflowing_mlp, quick_mlp,
+                           synthetic_classification, upload_dataset, upload_model, wait_for_audit)
 from tests.zoo import TinyTransformer, token_classification, train
 
 
@@ -102,7 +102,7 @@ def test_audit_end_to_end(client, trained, service):
 
 def test_safetensors_model_and_failed_job(client, tmp_path):
     inputs, labels = synthetic_classification(n=90, features=5, classes=3, seed=1)
-    # a built-in MLP whose output size (2) is smaller than the label range (3): the job must fail readably
+    # a built-in MLP whose output size (2) is smaller than the label range (3): refused at creation
     model = torch.nn.Sequential(torch.nn.Linear(5, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
     path = tmp_path / "weights.safetensors"
     save_file(model.state_dict(), str(path))
@@ -111,10 +111,17 @@ def test_safetensors_model_and_failed_job(client, tmp_path):
     assert r.status_code == 201, r.text
     assert r.json()["format"] == "safetensors" and r.json()["num_parameters"] == 5 * 4 + 4 + 4 * 2 + 2
     d = upload_dataset(client, npz_bytes(inputs=inputs, labels=labels)).json()
+    assert_problem(client.post("/v1/audits", json={"model_id": r.json()["id"], "dataset_id": d["id"]}), 422,
+                   "model-dataset-mismatch")
+    # one whose weights overflow float32 on real inputs (finite at the upload's zero-input smoke test):
+    # only the job can see it, and it must fail readably
+    overflowing = overflowing_mlp(tmp_path / "overflow.safetensors")
+    r = upload_model(client, overflowing, architecture=json.dumps(dict(arch, num_classes=3)))
+    assert r.status_code == 201, r.text
     audit = client.post("/v1/audits", json={"model_id": r.json()["id"], "dataset_id": d["id"]}).json()
     final, _ = wait_for_audit(client, audit["id"])
     assert final["status"] == "failed"
-    assert "outputs" in final["error"] and "Traceback" not in final["error"]
+    assert "outputs are not finite" in final["error"] and "Traceback" not in final["error"], final["error"]
     assert_problem(client.get(f"/v1/audits/{audit['id']}/flags"), 409, "audit-not-succeeded")
 
 

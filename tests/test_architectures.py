@@ -174,17 +174,23 @@ def test_parquet_and_npz_integer_columns_stay_int64_and_float_ones_make_floats(t
         ("input_ids", "int64", [0, 7]), ("attention_mask", "int64", [1, 1])]
 
 
+def _exported(tmp_path, name: str, dynamo: bool):
+    """A SWEEP model with trained-like weights, exported (external data with dynamo) and loaded back:
+    (model, batch builder, loaded model)."""
+    build, batch = SWEEP[name]
+    torch.manual_seed(0)
+    model = distinct_weights(build())
+    path = export_onnx(model, batch(2), tmp_path / "m.onnx", dynamo=dynamo, external_data=dynamo)
+    return model, batch, load_onnx(path, {p.name: p for p in tmp_path.glob("*.data")})
+
+
 @pytest.mark.parametrize("dynamo", [True, False], ids=["dynamo-external-data", "torchscript-exporter"])
 @pytest.mark.parametrize("name", ["mlp-block-applied-twice", "text-tied-embedding-output"])
 def test_a_weight_used_twice_is_scored_as_one_weight(tmp_path, name, dynamo):
     """Scores of the converted model live in the original model's parameter space: the exact damped
     self-influence equals the PyTorch model's (its gradient with respect to the shared weight is the sum
     over both uses), and the block applied twice stays one EK-FAC layer over both calls."""
-    build, batch = SWEEP[name]
-    torch.manual_seed(0)
-    model = distinct_weights(build())
-    path = export_onnx(model, batch(2), tmp_path / "m.onnx", dynamo=dynamo, external_data=dynamo)
-    loaded = load_onnx(path, {p.name: p for p in tmp_path.glob("*.data")})
+    model, batch, loaded = _exported(tmp_path, name, dynamo)
     (inputs,) = batch(40)
     labels = torch.randint(0, 3, (40,), generator=torch.Generator().manual_seed(1))
     config = AuditConfig(method="exact", damping=1e-3)
@@ -225,11 +231,7 @@ def test_torchs_transformer_encoder_gets_each_examples_own_gradient(tmp_path, dy
     """nn.TransformerEncoderLayer exports its attention sequence-first; each example's squared gradient
     norm (the `identity` method, which uses the same per-layer capture as EK-FAC) through the converted
     model equals the PyTorch model's, and its linear maps keep their EK-FAC blocks."""
-    build, batch = SWEEP["text-torch-transformer-encoder"]
-    torch.manual_seed(0)
-    model = distinct_weights(build())
-    path = export_onnx(model, batch(2), tmp_path / "m.onnx", dynamo=dynamo, external_data=dynamo)
-    loaded = load_onnx(path, {p.name: p for p in tmp_path.glob("*.data")})
+    model, batch, loaded = _exported(tmp_path, "text-torch-transformer-encoder", dynamo)
     (inputs,) = batch(20)
     labels = torch.randint(0, 3, (20,), generator=torch.Generator().manual_seed(1))
     want = run_audit(model, inputs, labels, AuditConfig(method="identity")).scores

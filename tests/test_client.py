@@ -23,7 +23,7 @@ import torch
 from app.client import (Audit, AuditClient, Conflict, Flag, NotFound, Score, ValidationFailed)
 from tests.conftest import free_port
 from tests.digits import noisy_digits, train_mlp
-from tests.helpers import export_onnx
+from tests.helpers import export_onnx, overflowing_mlp
 
 ROOT = Path(__file__).resolve().parent.parent
 CLI = [str(Path(sys.executable).with_name("pbrf-audit"))]
@@ -175,15 +175,12 @@ def test_cli_audit_json_then_status_flags_and_export(service, digits, tmp_path):
 
 @pytest.mark.parametrize("service", ["embedded"], indirect=True)
 def test_cli_failures_exit_non_zero_with_a_readable_message(service, tmp_path):
-    from safetensors.torch import save_file
-
-    # an audit that fails: a built-in MLP with 2 outputs for labels 0..2
-    model = torch.nn.Sequential(torch.nn.Linear(5, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
-    save_file(model.state_dict(), str(tmp_path / "weights.safetensors"))
+    # an audit that fails: a built-in MLP whose weights overflow float32 on the data
+    overflowing_mlp(tmp_path / "weights.safetensors")
     rng = np.random.default_rng(0)
     np.savez(tmp_path / "data.npz", inputs=rng.normal(size=(60, 5)).astype(np.float32),
              labels=rng.integers(0, 3, size=60))
-    arch = json.dumps({"type": "mlp", "input_size": 5, "hidden_sizes": [4], "num_classes": 2})
+    arch = json.dumps({"type": "mlp", "input_size": 5, "hidden_sizes": [4], "num_classes": 3})
     failed = _cli("audit", "--model", str(tmp_path / "weights.safetensors"), "--architecture", arch,
                   "--data", str(tmp_path / "data.npz"), "--server", service.url, "--json")
     assert failed.returncode == 1, (failed.stdout, failed.stderr)

@@ -107,6 +107,10 @@ def check_compatible(model: nn.Module, inputs: torch.Tensor, targets: torch.Tens
     if out.ndim != 2 or out.shape[0] != min(2, inputs.shape[0]):
         raise EngineError(f"the model must return one output vector per example, got shape {tuple(out.shape)}")
     num_outputs = out.shape[1]
+    if not bool(torch.isfinite(out).all()):
+        # caught here, not as a failed eigendecomposition or a NaN ranking further on
+        raise EngineError("the model's outputs are not finite (inf or NaN) on the dataset's first examples: its "
+                          "weights or these inputs overflow float32")
     if loss_name == "cross_entropy" and num_outputs < 2:
         raise EngineError("a softmax classifier needs at least 2 outputs; this model has 1")
     if loss_name == "cross_entropy":
