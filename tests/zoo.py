@@ -160,13 +160,15 @@ def exported_learned_parameters(model: nn.Module, batchnorm_folded: bool) -> int
     """How many learned values an exported graph holds: the model's parameters, except that an eval-mode
     BatchNorm that an exporter folds into the convolution before it leaves only one weight and one bias
     per channel (its scale multiplies into the conv weight, its shift and the conv's own bias become the
-    conv's bias). Assumes, as in this zoo, that every BatchNorm2d directly follows its Conv2d."""
+    conv's bias); likewise a BatchNorm1d after a Linear. Assumes, as in this zoo, that every BatchNorm
+    directly follows its Conv2d or Linear."""
     count = sum(p.numel() for p in model.parameters())
     if not batchnorm_folded:
         return count
     previous = None
     for module in model.modules():
-        if isinstance(module, nn.BatchNorm2d) and isinstance(previous, nn.Conv2d):
+        if (isinstance(module, nn.BatchNorm2d) and isinstance(previous, nn.Conv2d)) or \
+                (isinstance(module, nn.BatchNorm1d) and isinstance(previous, nn.Linear)):
             count -= module.weight.numel() + (previous.bias.numel() if previous.bias is not None else 0)
         if isinstance(module, (nn.Conv2d, nn.BatchNorm2d, nn.Linear)):
             previous = module
