@@ -19,7 +19,7 @@ parser.add_argument("--kinds", nargs="+", default=["residual-cnn", "cnn", "trans
 parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
 parser.add_argument("--noise", nargs="+", default=["symmetric", "pairs"])
 parser.add_argument("--budgets", nargs="+", default=["15x64", "6x64", "6x128", "4x128"],
-                    help="EPOCHSxBATCH[xLR[xSHRINK]] of a fold's training (defaults: lr 1e-3, shrink 0.5)")
+                    help="EPOCHSxBATCH[xLR[xSHRINK[xFOLDS]]] of a fold's training (defaults: lr 1e-3, shrink 0.5, 5 folds)")
 args = parser.parse_args()
 print(f"# {' '.join(sys.argv)}\n# torch {torch.__version__}, {torch.get_num_threads()} threads", flush=True)
 out = {}
@@ -44,8 +44,9 @@ for name in args.kinds:
                 epochs, batch = int(parts[0]), int(parts[1])
                 lr = float(parts[2]) if len(parts) > 2 else 1e-3
                 shrink = float(parts[3]) if len(parts) > 3 else 0.5
+                folds = int(parts[4]) if len(parts) > 4 else 5
                 config = AuditConfig(method="folds", seed=seed, weight_decay=kind["weight_decay"], fold_epochs=epochs,
-                                     fold_shrink=shrink)
+                                     fold_shrink=shrink, folds=folds)
                 t0 = time.perf_counter()
                 setup = set_up_fold_audit(copy.deepcopy(audited), inputs, labels, config)
                 setup.settings = dataclasses.replace(setup.settings, batch_size=batch, learning_rate=lr)
