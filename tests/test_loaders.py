@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import struct
+import warnings
 from pathlib import Path
 
 import onnx
@@ -325,6 +326,25 @@ def test_onnx_exported_in_training_mode_is_refused(tmp_path):
     with pytest.raises(ArtifactError) as err:
         load_onnx(path)
     assert err.value.slug == "onnx-training-mode"
+
+
+@pytest.mark.parametrize("dynamo", [True, False], ids=["dynamo", "torchscript-exporter"])
+def test_onnx_exported_with_dropout_active_is_refused_saying_so(tmp_path, dynamo):
+    """A model exported without model.eval(): its Dropout stays active (random outputs). The answer says
+    that, not the smoke test's generic advice about batch axes."""
+    model = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Dropout(0.5), nn.Linear(16, 3)).train()
+    path = tmp_path / "m.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if dynamo:
+            torch.onnx.export(model, (torch.randn(2, 6),), str(path), dynamo=True,
+                              dynamic_shapes=({0: torch.export.Dim("batch")},))
+        else:
+            torch.onnx.export(model, (torch.randn(2, 6),), str(path), dynamo=False, input_names=["x"],
+                              dynamic_axes={"x": {0: "batch"}}, training=torch.onnx.TrainingMode.TRAINING)
+    with pytest.raises(ArtifactError) as err:
+        load_onnx(path, {p.name: p for p in tmp_path.glob("*.data")})
+    assert err.value.slug == "onnx-training-mode" and "model.eval()" in err.value.detail
 
 
 class _BakedScaling(nn.Module):

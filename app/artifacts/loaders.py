@@ -270,6 +270,10 @@ def _smoke_test(module: nn.Module, specs: list[dict]) -> int:
             try:
                 out = module(_example_batch(specs, batch))
             except Exception as exc:
+                if "training_mode=True" in str(exc):  # onnx2pytorch's words for a Dropout left active
+                    raise ArtifactError("onnx-training-mode",
+                                        "the model was exported in training mode (its Dropout is active, so its "
+                                        "outputs are random); call model.eval() before torch.onnx.export") from exc
                 raise ArtifactError(
                     "model-smoke-test-failed",
                     f"the model failed a forward pass on a batch of {batch} examples ({described}): {exc}. "
