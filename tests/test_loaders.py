@@ -7,6 +7,7 @@ import struct
 import warnings
 from pathlib import Path
 
+import numpy as np
 import onnx
 import pytest
 import torch
@@ -630,3 +631,21 @@ def test_sizes_from_the_input_values_inside_loop_and_if_bodies_are_refused(tmp_p
                                       body_outputs=[helper.make_tensor_value_info("c_out", TensorProto.BOOL, []),
                                                     float_info("z")])):
         refuse_data_dependent_sizes(model.graph)
+
+
+def test_npz_labels_as_whole_floats_or_booleans_become_class_ids(tmp_path):
+    """What a pandas column often holds: 0.0/1.0/2.0 floats, or True/False. Whole values are class ids;
+    a fractional or NaN label is still refused."""
+    from app.artifacts.loaders import DatasetLimits, load_dataset
+
+    inputs = np.zeros((4, 2), np.float32)
+    for labels, expected in ((np.array([0.0, 2.0, 1.0, 2.0], np.float32), [0, 2, 1, 2]),
+                             (np.array([True, False, True, True]), [1, 0, 1, 1])):
+        np.savez(tmp_path / "d.npz", inputs=inputs, labels=labels)
+        loaded = load_dataset(tmp_path / "d.npz", "npz", DatasetLimits())
+        assert loaded.labels.dtype == np.int64 and loaded.labels.tolist() == expected
+    for labels in (np.array([0.0, 0.5, 1.0, 1.0]), np.array([0.0, np.nan, 1.0, 1.0])):
+        np.savez(tmp_path / "d.npz", inputs=inputs, labels=labels)
+        with pytest.raises(ArtifactError) as err:
+            load_dataset(tmp_path / "d.npz", "npz", DatasetLimits())
+        assert err.value.slug == "labels-not-integers"

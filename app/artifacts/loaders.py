@@ -989,8 +989,15 @@ def _finish_dataset(arrays: dict[str, np.ndarray], labels: np.ndarray, fmt: str,
     dataset, one per graph input name otherwise)."""
     if labels.ndim != 1:
         raise ArtifactError("dataset-shape", f"`labels` must be one-dimensional, got shape {labels.shape}")
+    if labels.dtype.kind == "b":  # True/False: classes 1 and 0
+        labels = labels.astype(np.int64)
+    elif labels.dtype.kind == "f" and labels.size and bool(np.isfinite(labels).all()) \
+            and bool((labels == np.round(labels)).all()) and float(np.abs(labels).max()) < 2**31:
+        labels = labels.astype(np.int64)  # 0.0, 1.0, ...: what a pandas column often holds; the values are whole
     if labels.dtype.kind not in "iu":
-        raise ArtifactError("labels-not-integers", f"`labels` must be integers 0..C-1, got dtype {labels.dtype}")
+        raise ArtifactError("labels-not-integers", f"`labels` must be integers 0..C-1 (or whole-valued floats), got "
+                            f"dtype {labels.dtype}" + (" with fractional or non-finite values" if labels.dtype.kind == "f"
+                                                       else ""))
     n = labels.shape[0]
     if n == 0:
         raise ArtifactError("dataset-empty", "the dataset has no examples")
