@@ -210,6 +210,36 @@ def test_a_database_error_fails_the_job_without_its_sql_or_claim_token(tmp_path,
     assert token in caplog.text  # the details stay in the worker log
 
 
+def test_a_gpu_out_of_memory_fails_the_audit_naming_the_budget(tmp_path):
+    """torch's OutOfMemoryError (a GPU worker past its share of the GPU, see worker.jobs._limit_memory)
+    is the budget's message, not an internal error; as is the host's MemoryError."""
+    import uuid
+
+    import torch
+    from sqlalchemy import create_engine
+    from sqlalchemy.orm import Session, sessionmaker
+
+    from app.audits.tables import Audit
+    from app.core.config import Settings
+    from app.core.db import Base
+    from worker.jobs import _failed
+
+    engine = create_engine(f"sqlite:///{tmp_path / 'jobs.db'}")
+    Base.metadata.create_all(engine)
+    for exc in (torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (GPU 0; 79.1 GiB total)"),
+                MemoryError()):
+        token, audit_id = uuid.uuid4().hex, uuid.uuid4()
+        with Session(engine) as session:
+            model, dataset = _model_and_dataset(session)
+            session.add(Audit(id=audit_id, tenant_id="t", status="running", model_id=model.id, dataset_id=dataset.id,
+                              method="ekfac", params={}, claim_token=token))
+            session.commit()
+        assert _failed(exc, Audit, audit_id, token, Settings(data_dir=tmp_path), sessionmaker(engine)) == "failed"
+        with Session(engine) as session:
+            error = session.get(Audit, audit_id).error
+        assert "PBRF_WORKER_MEMORY_BYTES" in error and "internal error" not in error, error
+
+
 def test_listing_datasets_does_not_read_label_counts_it_does_not_show(tmp_path):
     """A list shows label_counts only for datasets of at most 1000 classes; the others' counts (100k
     classes: about 0.6 MB of JSON each, 3.6 MB once parsed) are not even fetched: the page is the one it

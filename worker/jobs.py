@@ -278,13 +278,16 @@ IMPORTS_DATA_BYTES = 1536 * 1024**2
 
 
 def _limit_memory(settings: Settings) -> None:
-    """In the attempt's process on a CPU worker: RLIMIT_DATA at the worker memory budget (beyond the
-    imports), so that a model whose activations are larger than its parameters suggest fails its audit
-    readably instead of taking the machine's memory. Not on a GPU worker: the CUDA runtime maps memory
-    in ways a data-segment limit would break."""
+    """In the attempt's process: the worker memory budget, so that a model whose activations are larger
+    than its parameters suggest fails its audit readably instead of taking the machine's memory. On a
+    CPU worker RLIMIT_DATA (beyond the imports); on a GPU worker the budget caps what torch's caching
+    allocator may take of the GPU the audit runs on (the CUDA runtime maps host memory in ways a
+    data-segment limit would break), and going past it is torch's OutOfMemoryError, named in _failed."""
     import resource
 
     if torch.cuda.is_available():
+        total = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, settings.worker_memory_bytes / total))
         return
     limit = IMPORTS_DATA_BYTES + settings.worker_memory_bytes
     resource.setrlimit(resource.RLIMIT_DATA, (limit, resource.getrlimit(resource.RLIMIT_DATA)[1]))
@@ -302,8 +305,10 @@ def _share_cores(settings: Settings) -> None:
 
 
 def _out_of_memory(exc: BaseException | str) -> bool:
-    """An allocation refused (by the budget's limit, or by the machine), however it surfaced."""
-    return isinstance(exc, MemoryError) or "can't allocate memory" in str(exc) or "Cannot allocate memory" in str(exc)
+    """An allocation refused (by the budget's limit, or by the machine; host or GPU), however it surfaced."""
+    text = str(exc)
+    return (isinstance(exc, (MemoryError, torch.OutOfMemoryError)) or "can't allocate memory" in text
+            or "Cannot allocate memory" in text or "CUDA out of memory" in text)
 
 
 def _failed(exc: Exception, table, job_id: uuid.UUID, token: str, settings: Settings, factory: sessionmaker) -> str:

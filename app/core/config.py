@@ -38,8 +38,9 @@ class Settings(BaseSettings):
     max_exact_parameters: int = 12_000
     worker_memory_bytes: int = Field(8 * 1024**3, ge=256 * 1024**2, description=(
         "Memory one audit may make a worker allocate; an audit whose parameters (lanczos_rank, batch_size, "
-        "verify_top_k) price above it is refused at creation with the estimate, and on a CPU worker the audit's "
-        "process runs under it (RLIMIT_DATA beyond the imports)."))
+        "verify_top_k) price above it is refused at creation with the estimate, and the audit's process runs under it: "
+        "on a CPU worker RLIMIT_DATA beyond the imports, on a GPU worker the share of the GPU's memory torch may take "
+        "(torch.cuda.set_per_process_memory_fraction)."))
     max_flags: int = Field(20_000, ge=1, description=(
         "Flag rows stored per audit (most suspicious first); every example's score stays in the scores file. "
         "Bounds the results transaction, which would otherwise lock the database for other tenants."))
