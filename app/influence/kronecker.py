@@ -767,6 +767,7 @@ class KroneckerEstimator(Estimator):
         self._table_inputs: dict[str, list[torch.Tensor]] = {}
         self.vmap_names = list(self.fallback_names)
         self._probed = False
+        self._layouts_decided = False
         self._diag_inputs: dict[str, list[torch.Tensor]] = {}
         self._last_outputs = None
         self._fallback_denominator = None
@@ -962,6 +963,8 @@ class KroneckerEstimator(Estimator):
         must leave the model's outputs as they were. Anything else (a table also used elsewhere, a
         module the model applies across examples, ...) stays with torch.func."""
         if self._probed:
+            if not self._layouts_decided:  # the earlier inputs held no two different examples
+                self._layouts_decided = self._probe_layouts(inputs)
             return
         self._probed = True
         # outputs the model modifies in place (a ReLU(inplace=True) after the layer) would otherwise be
@@ -973,7 +976,7 @@ class KroneckerEstimator(Estimator):
         for module in watched:
             module.clone_output = any(o._version != v for o, v in zip(capture.outputs[module.name],
                                                                      capture.versions[module.name]))
-        self._probe_layouts(inputs)
+        self._layouts_decided = self._probe_layouts(inputs)
         if inputs.shape[0] < 2 or not self._diag_candidates:
             return
         x = inputs[:2]
@@ -999,19 +1002,20 @@ class KroneckerEstimator(Estimator):
             tabled = {t.param_name for t in self.tables}
             self.fallback_names = [n for n in self.fallback_names if n not in tabled]
 
-    def _probe_layouts(self, inputs: torch.Tensor) -> None:
+    def _probe_layouts(self, inputs: torch.Tensor) -> bool:
         """Decide where each tracked layer keeps its examples. The model runs on the batches [a, b, a]
         and [b, a] of two different examples, with the same output-gradient vector for every copy of an
         example; in the right layout, an example's input rows and output gradients are the same
         wherever it sits. Batch-first is tried first; a linear map may also be sequence-first (rows
         strided by example, see _Layer.example_stride). A layer that fits no layout (its rows do not
         grow with the batch, or mix examples) leaves the Kronecker blocks for the fallback, whose
-        per-example gradients (torch.func) are right whatever the layout."""
-        if not self.layers or inputs.shape[0] < 2:
-            return
+        per-example gradients (torch.func) are right whatever the layout. Returns False when `inputs` hold
+        no two different examples to tell layouts apart by (the next batch is tried; batch-first until then)."""
+        if not self.layers:
+            return True
         others = [i for i in range(1, inputs.shape[0]) if not torch.equal(inputs[i], inputs[0])]
         if not others:
-            return  # every example alike: nothing to tell layouts apart by; batch-first stays
+            return False
         a, b = inputs[0:1], inputs[others[0]:others[0] + 1]
         generator = torch.Generator(device="cpu").manual_seed(54321)  # not the estimator's: draws stay put
         seen: dict[int, dict[str, tuple[list, list]]] = {}
@@ -1032,7 +1036,7 @@ class KroneckerEstimator(Estimator):
                     split = capture.split(grads)
                     seen[x.shape[0]] = {l.name: (capture.inputs[l.name], split[l.name]) for l in self.layers}
         except Exception:  # noqa: BLE001 - the model does not run on these batches: layouts stay batch-first
-            return
+            return True
         finally:
             for p in self.model.parameters():
                 p.requires_grad_(False)
@@ -1048,6 +1052,7 @@ class KroneckerEstimator(Estimator):
             self.layers.remove(layer)
             self.fallback_names += layer.param_names
             self.vmap_names += layer.param_names
+        return True
 
     def _probe_round(self, x, out, vectors, reference, candidates) -> list:
         saved = self.diag_modules, self.vmap_names
