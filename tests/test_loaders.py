@@ -649,3 +649,9 @@ def test_npz_labels_as_whole_floats_or_booleans_become_class_ids(tmp_path):
         with pytest.raises(ArtifactError) as err:
             load_dataset(tmp_path / "d.npz", "npz", DatasetLimits())
         assert err.value.slug == "labels-not-integers"
+    # a Parquet label column of whole floats (pandas writes float64 once a column held a NaN) likewise
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"f1": [0.5, 1.5, 2.5], "label": [0.0, 2.0, 1.0]}), tmp_path / "d.parquet")
+    assert load_dataset(tmp_path / "d.parquet", "parquet", DatasetLimits()).labels.tolist() == [0, 2, 1]

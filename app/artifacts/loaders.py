@@ -1193,8 +1193,10 @@ def load_parquet(path: Path, limits: DatasetLimits) -> LoadedDataset:
         kind = schema.field(name).type
         if not (pa.types.is_integer(kind) or pa.types.is_floating(kind) or pa.types.is_boolean(kind)):
             raise ArtifactError("dataset-dtype", f"column {name!r} has type {kind}; features must be numeric")
-    if not pa.types.is_integer(schema.field("label").type):
-        raise ArtifactError("labels-not-integers", f"`label` has type {schema.field('label').type}; it must be integers")
+    label_type = schema.field("label").type
+    if not (pa.types.is_integer(label_type) or pa.types.is_floating(label_type) or pa.types.is_boolean(label_type)):
+        raise ArtifactError("labels-not-integers", f"`label` has type {label_type}; it must be integers (or "
+                            "whole-valued floats)")  # whole-valued floats and booleans: checked in _finish_dataset
     # all-integer feature columns (token ids, counts) stay integers; any float column makes them floats
     integer = all(pa.types.is_integer(schema.field(n).type) or pa.types.is_boolean(schema.field(n).type)
                   for n in features)
