@@ -40,7 +40,9 @@ added across the batch, such as position embeddings) give theirs from their reco
 gradient in the same backward, once a probe on two examples has shown that this equals torch.func's
 per-example gradients for that model; everything else uses torch.func (vmap over examples). A layer
 whose output the model then modifies in place (ReLU(inplace=True), +=) hands the model a copy, so the
-recorded output's gradient stays that of the layer's own output.
+recorded output's gradient stays that of the layer's own output. Each tracked layer's example layout
+is probed once too (_probe_layouts): exported attention runs its projections sequence-first, on
+(L, B, d) and (L*B, d) rows, which are reordered to (B, T, d) as they are recorded.
 """
 
 from __future__ import annotations
