@@ -38,7 +38,7 @@ from quality_models import export_and_load, fit
 from app.influence import AuditConfig, run_audit
 from app.influence.loo import confident_learning
 from tests.digits import noisy_digits, train_mlp
-from tests.zoo import ResidualCNN, TinyTransformer, token_classification
+from tests.zoo import ResidualCNN, TinyTransformer, TorchEncoderClassifier, token_classification
 
 NOISE = 0.1
 DIGIT_PARTNERS = np.array([6, 7, 5, 8, 9, 2, 0, 1, 3, 4])  # 0<->6, 1<->7, 2<->5, 3<->8, 4<->9
@@ -127,6 +127,14 @@ KINDS = {
                         weight_decay=0.0, onnx=True, names=("input_ids", "attention_mask"),
                         title="TinyTransformer (1 block, dim 32) on 2000 token sequences (ids + mask), 3 classes, "
                               "Adam 3e-3 cosine, batch 64, 60 epochs; ONNX-exported and loaded by the service"),
+    # torch's own nn.TransformerEncoderLayer: its exported attention runs sequence-first (kronecker._probe_layouts)
+    "torch-transformer": dict(data=lambda seed: (((tokens(seed)[0][0],), tokens(seed)[1]), 3),
+                              train=torch_fit(lambda: TorchEncoderClassifier(vocab=64, length=16, dim=32, heads=2,
+                                                                             classes=3), 60, 3e-3, 64, "cosine"),
+                              weight_decay=0.0, onnx=True, names=("inputs",),
+                              title="torch's nn.TransformerEncoder (1 layer, dim 32, GELU, dropout 0.1; mean pooling, no "
+                                    "mask) on the same token sequences' ids, Adam 3e-3 cosine, batch 64, 60 epochs; "
+                                    "ONNX-exported and loaded by the service"),
 }
 
 
