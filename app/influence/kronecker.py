@@ -116,7 +116,7 @@ def _example_stride(layer, x3: list[torch.Tensor], g3: list[torch.Tensor], x2: l
 
     if fits(None):
         return None
-    if layer.is_conv or not x3 or x3[0].dim() < 2:
+    if layer.is_conv or x3[0].dim() < 2:
         return False
     rows = x3[0].reshape(-1, x3[0].shape[-1]).shape[0]
     if rows % 3:
